@@ -1,0 +1,417 @@
+"""Low-dimensional distributions and the ``ToyDataModule`` that streams pairs from them.
+
+Every distribution has ``dim`` and ``sample(n, generator=None) -> Tensor`` of shape
+(n, dim), float32, fully vectorised (no Python loop over points). Names accepted by
+:func:`make_distribution`: ``gaussian``, ``8gaussians``, ``moons``, ``scurve``, ``circles``,
+``checkerboard``, ``swissroll``, ``pinwheel``, ``2spirals``, ``rings``, ``points`` (a user's
+file), or a path ending in ``.npy``, ``.npz`` or ``.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = [
+    "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
+    "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
+    "ToyDataModule",
+]
+
+
+def _rand(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
+    return torch.rand(n, *shape, generator=generator)
+
+
+def _randn(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
+    return torch.randn(n, *shape, generator=generator)
+
+
+class Distribution:
+    """Base class for samplers. ``sample(n, generator) -> (n, dim)`` float32 tensor."""
+
+    dim: int = 2
+    #: True only for N(0, I), the source that Lipman's OT path assumes.
+    is_standard_gaussian = False
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items() if k != 'data')})"
+
+
+class Gaussian(Distribution):
+    """Isotropic Gaussian ``N(0, std^2 I)``.
+
+    Args:
+        dim: dimension, or a shape list such as ``[3, 32, 32]`` for image noise.
+        std: standard deviation.
+    """
+
+    def __init__(self, dim: int | list[int] = 2, std: float = 1.0) -> None:
+        self.dim = dim if isinstance(dim, int) else [int(d) for d in dim]
+        self.std = float(std)
+        self.is_standard_gaussian = self.std == 1.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.dim,) if isinstance(self.dim, int) else tuple(self.dim)
+
+    def sample(self, n, generator=None):
+        return self.std * _randn(n, generator, *self.shape)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log-density (n,) of flattened ``x``."""
+        d = x[0].numel()
+        sq = x.flatten(1).square().sum(1) / self.std**2
+        return -0.5 * sq - 0.5 * d * math.log(2 * math.pi * self.std**2)
+
+
+class EightGaussians(Distribution):
+    """Eight Gaussians evenly spaced on a circle.
+
+    Args:
+        radius: radius of the circle of centres.
+        std: standard deviation of each component.
+    """
+
+    def __init__(self, radius: float = 5.0, std: float = 0.5) -> None:
+        self.radius, self.std = float(radius), float(std)
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        self._centers = self.radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+
+    def sample(self, n, generator=None):
+        idx = torch.randint(0, 8, (n,), generator=generator)
+        return self._centers[idx] + self.std * _randn(n, generator, 2)
+
+
+class Moons(Distribution):
+    """Two interleaving half circles (scikit-learn's ``make_moons``), then ``scale*x + shift``.
+
+    Args:
+        noise: std of the Gaussian noise added before scaling.
+        scale: multiplier applied to the points.
+        shift: offset added after scaling.
+    """
+
+    def __init__(self, noise: float = 0.2, scale: float = 3.0, shift: float = -1.0) -> None:
+        self.noise, self.scale, self.shift = float(noise), float(scale), float(shift)
+
+    def sample(self, n, generator=None):
+        theta = math.pi * _rand(n, generator)
+        upper = _rand(n, generator) < 0.5
+        x = torch.where(upper, torch.cos(theta), 1 - torch.cos(theta))
+        y = torch.where(upper, torch.sin(theta), 0.5 - torch.sin(theta))
+        pts = torch.stack([x, y], 1) + self.noise * _randn(n, generator, 2)
+        return self.scale * pts + self.shift
+
+
+class SCurve(Distribution):
+    """The 2-D projection ``(x, z)`` of scikit-learn's S-curve, times ``scale``.
+
+    Args:
+        noise: std of the Gaussian noise added before scaling.
+        scale: multiplier applied to the points.
+    """
+
+    def __init__(self, noise: float = 0.1, scale: float = 2.0) -> None:
+        self.noise, self.scale = float(noise), float(scale)
+
+    def sample(self, n, generator=None):
+        t = 3 * math.pi * (_rand(n, generator) - 0.5)
+        pts = torch.stack([torch.sin(t), torch.sign(t) * (torch.cos(t) - 1)], 1)
+        return self.scale * (pts + self.noise * _randn(n, generator, 2))
+
+
+class Circles(Distribution):
+    """Two concentric circles of radii ``scale`` and ``factor*scale``.
+
+    Args:
+        noise: std of the Gaussian noise added before scaling.
+        factor: ratio of the inner to the outer radius, in (0, 1).
+        scale: outer radius.
+    """
+
+    def __init__(self, noise: float = 0.05, factor: float = 0.5, scale: float = 3.0) -> None:
+        self.noise, self.factor, self.scale = float(noise), float(factor), float(scale)
+
+    def sample(self, n, generator=None):
+        theta = 2 * math.pi * _rand(n, generator)
+        radius = torch.where(_rand(n, generator) < 0.5, 1.0, self.factor)
+        pts = radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+        return self.scale * (pts + self.noise * _randn(n, generator, 2))
+
+
+class Checkerboard(Distribution):
+    """Uniform on the dark squares of a ``4x4`` checkerboard spanning ``[-2, 2]^2``, times ``scale``.
+
+    Args:
+        scale: multiplier applied to the points.
+    """
+
+    def __init__(self, scale: float = 2.0) -> None:
+        self.scale = float(scale)
+
+    def sample(self, n, generator=None):
+        x1 = 4 * _rand(n, generator) - 2
+        x2 = _rand(n, generator) - torch.randint(0, 2, (n,), generator=generator) * 2.0
+        x2 = x2 + torch.floor(x1) % 2
+        return self.scale * torch.stack([x1, x2], 1)
+
+
+class SwissRoll(Distribution):
+    """The 2-D Swiss roll ``t*(cos t, sin t)`` for ``t ~ 1.5*pi*(1 + 2u)``, normalised to radius ~``scale``.
+
+    Args:
+        noise: std of the Gaussian noise (in the unscaled roll, whose radius is ~14).
+        scale: outer radius after normalisation.
+    """
+
+    def __init__(self, noise: float = 1.0, scale: float = 4.0) -> None:
+        self.noise, self.scale = float(noise), float(scale)
+
+    def sample(self, n, generator=None):
+        t = 1.5 * math.pi * (1 + 2 * _rand(n, generator))
+        pts = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) + self.noise * _randn(n, generator, 2)
+        return pts * (self.scale / (4.5 * math.pi))
+
+
+class Pinwheel(Distribution):
+    """Pinwheel: ``num_arms`` Gaussian blobs sheared into spiral arms.
+
+    Args:
+        num_arms: number of arms.
+        radial_std: std along each arm.
+        tangential_std: std across each arm.
+        rate: how strongly the arms curl.
+        scale: multiplier applied to the points.
+    """
+
+    def __init__(
+        self, num_arms: int = 5, radial_std: float = 0.3, tangential_std: float = 0.1, rate: float = 0.25,
+        scale: float = 3.0,
+    ) -> None:
+        self.num_arms, self.radial_std, self.tangential_std = int(num_arms), float(radial_std), float(tangential_std)
+        self.rate, self.scale = float(rate), float(scale)
+
+    def sample(self, n, generator=None):
+        labels = torch.randint(0, self.num_arms, (n,), generator=generator)
+        feats = _randn(n, generator, 2) * torch.tensor([self.radial_std, self.tangential_std])
+        feats[:, 0] += 1.0
+        angles = labels * (2 * math.pi / self.num_arms) + self.rate * torch.exp(feats[:, 0])
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        x = cos * feats[:, 0] - sin * feats[:, 1]
+        y = sin * feats[:, 0] + cos * feats[:, 1]
+        return self.scale * torch.stack([x, y], 1)
+
+
+class TwoSpirals(Distribution):
+    """Two interleaved spirals (FFJORD's ``2spirals``), times ``scale``.
+
+    Args:
+        noise: std of the Gaussian noise (before scaling; the spirals span ~[-4, 4]).
+        scale: multiplier applied to the points.
+    """
+
+    def __init__(self, noise: float = 0.1, scale: float = 1.0) -> None:
+        self.noise, self.scale = float(noise), float(scale)
+
+    def sample(self, n, generator=None):
+        r = torch.sqrt(_rand(n, generator)) * 540 * (2 * math.pi / 360)
+        sign = torch.where(_rand(n, generator) < 0.5, 1.0, -1.0)
+        pts = sign[:, None] * torch.stack([-torch.cos(r) * r, torch.sin(r) * r], 1)
+        return self.scale * (pts / 3 + self.noise * _randn(n, generator, 2))
+
+
+class Rings(Distribution):
+    """Four concentric rings of radii ``scale*(1, 2, 3, 4)/4``, uniform in angle.
+
+    Args:
+        noise: std of the Gaussian noise added after scaling.
+        scale: radius of the outer ring.
+    """
+
+    def __init__(self, noise: float = 0.08, scale: float = 4.0) -> None:
+        self.noise, self.scale = float(noise), float(scale)
+
+    def sample(self, n, generator=None):
+        ring = torch.randint(1, 5, (n,), generator=generator).float()
+        theta = 2 * math.pi * _rand(n, generator)
+        pts = (self.scale * ring / 4)[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+        return pts + self.noise * _randn(n, generator, 2)
+
+
+class Points(Distribution):
+    """A user's own points, drawn uniformly with replacement.
+
+    Args:
+        file: ``.npy`` (array (N, d)), ``.npz`` (key ``points``, ``samples``, or its only array)
+            or ``.csv`` (N rows of d numbers; a non-numeric header row is skipped).
+    """
+
+    def __init__(self, file: str) -> None:
+        self.file = str(file)
+        self.data = load_points(self.file)
+        self.dim = self.data.shape[1]
+
+    def sample(self, n, generator=None):
+        idx = torch.randint(0, self.data.shape[0], (n,), generator=generator)
+        return self.data[idx]
+
+
+def load_points(file: str) -> Tensor:
+    """Read and validate a points file into a float32 tensor (N, d)."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"points file {file!r} does not exist; give an existing .npy, .npz or .csv file")
+    ext = os.path.splitext(file)[1].lower()
+    try:
+        if ext == ".npy":
+            arr = np.load(file, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(file, allow_pickle=False) as z:
+                keys = [k for k in ("points", "samples") if k in z.files] or z.files
+                if len(keys) != 1 and not set(keys) & {"points", "samples"}:
+                    raise ValueError(f"{file!r} holds arrays {z.files}; name the points array 'points'")
+                arr = z[keys[0]]
+        elif ext == ".csv":
+            try:
+                arr = np.loadtxt(file, delimiter=",", ndmin=2)
+            except ValueError:
+                arr = np.loadtxt(file, delimiter=",", ndmin=2, skiprows=1)
+        else:
+            raise ValueError(f"points file {file!r} must end in .npy, .npz or .csv")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read points file {file!r}: {err}") from err
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
+        raise ValueError(f"points file {file!r} must hold an array of shape (N, d) with N >= 2, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise ValueError(f"points file {file!r} contains non-finite or non-numeric values; clean it first")
+    return torch.as_tensor(arr, dtype=torch.float32)
+
+
+DISTRIBUTIONS: dict[str, type[Distribution]] = {
+    "gaussian": Gaussian,
+    "8gaussians": EightGaussians,
+    "moons": Moons,
+    "scurve": SCurve,
+    "circles": Circles,
+    "checkerboard": Checkerboard,
+    "swissroll": SwissRoll,
+    "pinwheel": Pinwheel,
+    "2spirals": TwoSpirals,
+    "rings": Rings,
+    "points": Points,
+}
+
+
+def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distribution:
+    """Build a distribution from a name, a points-file path, a dict or an instance.
+
+    Args:
+        spec: ``"moons"``, ``"data/my_points.npy"``, ``{"name": "gaussian", "std": 2}``, or a
+            :class:`Distribution` (returned as is).
+        dim: dimension for ``gaussian`` (ignored by the fixed 2-D shapes).
+        **kwargs: constructor arguments of the chosen distribution.
+    """
+    if isinstance(spec, Distribution):
+        return spec
+    if isinstance(spec, dict) or type(spec).__name__ == "DictConfig":
+        spec = dict(spec)
+        return make_distribution(spec.pop("name"), dim=dim, **spec, **kwargs)
+    name = str(spec)
+    if name.lower().endswith((".npy", ".npz", ".csv")):
+        name, kwargs = "points", {"file": name, **kwargs}
+    if name not in DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown distribution {name!r}; choose one of {sorted(DISTRIBUTIONS)} or give a .npy/.npz/.csv file"
+        )
+    if name == "gaussian" and dim is not None:
+        kwargs.setdefault("dim", dim)
+    try:
+        return DISTRIBUTIONS[name](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"bad arguments for distribution {name!r}: {err}") from err
+
+
+class _PairStream(IterableDataset):
+    """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
+    function of ``(seed, rank, e, k)``, so a stream can restart at any batch."""
+
+    def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int) -> None:
+        self.source, self.target = source, target
+        self.batch_size, self.length, self.seed = batch_size, length, seed
+        self.rank, self.epoch, self.start = 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator()
+        start, self.start = self.start, 0
+        for k in range(start, self.length):
+            gen.manual_seed(hash((self.seed, self.rank, self.epoch, k)) % (2**63))
+            yield {"x0": self.source.sample(self.batch_size, gen), "x1": self.target.sample(self.batch_size, gen)}
+        self.epoch += 1
+
+
+class ToyDataModule(L.LightningDataModule):
+    """Streams ``(x0, x1)`` minibatches from a source and a target distribution.
+
+    Args:
+        source: distribution of ``x0`` (name, points file, dict or instance; see module doc).
+        target: distribution of ``x1``.
+        dim: dimension of ``gaussian`` source/target; fixed shapes are 2-D.
+        batch_size: per-device batch size.
+        steps_per_epoch: training batches per epoch (the stream is infinite in principle).
+        val_size: size of the fixed validation set (drawn once from ``seed``).
+        seed: base seed; each rank and epoch derive their own stream from it.
+    """
+
+    def __init__(
+        self,
+        source: Any = "8gaussians",
+        target: Any = "moons",
+        dim: int = 2,
+        batch_size: int = 256,
+        steps_per_epoch: int = 1000,
+        val_size: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or steps_per_epoch < 1 or val_size < 1:
+            raise ValueError("batch_size, steps_per_epoch and val_size must all be >= 1")
+        self.source = make_distribution(source, dim=dim)
+        self.target = make_distribution(target, dim=dim)
+        if self.source.dim != self.target.dim:
+            raise ValueError(
+                f"source {self.source} has dim {self.source.dim} but target {self.target} has dim "
+                f"{self.target.dim}; they must match (set data.dim for gaussian, or use matching files)"
+            )
+        self.dim = self.source.dim
+        self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
+        self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed)
+        gen = torch.Generator().manual_seed(seed + 12345)
+        self._val = {"x0": self.source.sample(val_size, gen), "x1": self.target.sample(val_size, gen)}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self._train.rank = self.trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._train, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        n, b = self.val_size, self.batch_size
+        batches = [{k: v[i : i + b] for k, v in self._val.items()} for i in range(0, n, b)]
+        return DataLoader(batches, batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

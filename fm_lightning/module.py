@@ -1,0 +1,192 @@
+"""``FlowMatchingModule``: a velocity network trained with a CFM objective."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .flow.objective import CFMObjective
+from .flow.solve import ODESolution, Solver, odeint
+from .spec import from_spec, to_spec
+
+__all__ = ["FlowMatchingModule", "load_checkpoint"]
+
+
+def _build(obj: Any, partial: bool = False) -> Any:
+    """Accept an object or its ``{"class_path", "init_args"}`` spec (as saved in checkpoints)."""
+    return from_spec(obj, partial=partial) if isinstance(obj, dict) else obj
+
+
+class FlowMatchingModule(L.LightningModule):
+    """Trains ``net`` to regress the conditional velocity ``u_t`` of ``flow``'s path.
+
+    Batches are dicts with ``x1`` (B, *shape), and optionally ``x0`` (B, *shape) (else drawn
+    from ``source``) and ``cond`` (B,) labels.
+
+    Args:
+        net: velocity network, ``net(x, t, cond=None) -> v``.
+        flow: the CFM objective (path, coupling, time sampler).
+        source: distribution of ``x0`` with ``sample(n, generator) -> (n, *shape)``; recorded in
+            the checkpoint so sampling needs nothing else.
+        optimizer: factory ``optimizer(params) -> Optimizer``; default Adam(lr=1e-3).
+        lr_scheduler: optional factory ``lr_scheduler(optimizer) -> LRScheduler``, stepped
+            every optimizer step.
+        val_seed: seed of the fixed validation noise and times.
+        solver: default ODE solver for :meth:`sample`.
+        steps: default number of steps for fixed-step solvers.
+        atol: default absolute tolerance for adaptive solvers.
+        rtol: default relative tolerance for adaptive solvers.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | dict,
+        flow: CFMObjective | dict,
+        source: Any,
+        optimizer: Callable | dict | None = None,
+        lr_scheduler: Callable | dict | None = None,
+        val_seed: int = 0,
+        solver: Solver = "dopri5",
+        steps: int = 100,
+        atol: float = 1e-4,
+        rtol: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.net = _build(net)
+        self.flow = _build(flow)
+        self.source = _build(source)
+        self.optimizer_factory = _build(optimizer, partial=True) or functools.partial(torch.optim.Adam, lr=1e-3)
+        self.lr_scheduler_factory = _build(lr_scheduler, partial=True)
+        if self.flow.path.requires_gaussian_source and not getattr(self.source, "is_standard_gaussian", False):
+            raise ValueError(
+                f"{type(self.flow.path).__name__} assumes a standard Gaussian source, but the source is "
+                f"{self.source}; use source 'gaussian' (std 1) or another path such as flow=icfm"
+            )
+        self.save_hyperparameters(
+            {
+                "net": to_spec(self.net),
+                "flow": to_spec(self.flow),
+                "source": to_spec(self.source),
+                "optimizer": to_spec(self.optimizer_factory),
+                "lr_scheduler": to_spec(self.lr_scheduler_factory),
+                "val_seed": val_seed,
+                "solver": solver,
+                "steps": steps,
+                "atol": atol,
+                "rtol": rtol,
+            }
+        )
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Velocity ``v`` (B, *shape) at ``x`` (B, *shape), ``t`` (B,)."""
+        return self.net(x, t, cond) if cond is not None else self.net(x, t)
+
+    def _source_like(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.source.sample(x1.shape[0], generator).to(device=x1.device, dtype=x1.dtype)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x1 = batch["x1"]
+        x0 = batch["x0"] if "x0" in batch else self._source_like(x1)
+        out = self.flow(self, x0, x1, batch.get("cond"))
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=x1.shape[0])
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x1 = batch["x1"]
+        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        x0 = batch["x0"] if "x0" in batch else self._source_like(x1, gen)
+        out = self.flow(self, x0, x1, batch.get("cond"), generator=gen)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=x1.shape[0], sync_dist=True)
+        return out.loss
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.validation_step(batch, batch_idx)
+        self.log("test/loss", loss, batch_size=batch["x1"].shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        x0: Tensor | None = None,
+        cond: Tensor | None = None,
+        solver: Solver | None = None,
+        steps: int | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        num_saves: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> ODESolution:
+        """Integrate the learned ODE from ``x0`` (drawn from the source if not given), in fp32.
+
+        Args:
+            num_samples: how many samples to draw when ``x0`` is not given.
+            x0: initial points (B, *shape).
+            cond: labels (B,) for conditional nets.
+            solver, steps, atol, rtol: override the module's sampling defaults.
+            num_saves: if > 1, also return the trajectory at this many times.
+            generator: RNG for drawing ``x0``.
+
+        Returns:
+            :class:`ODESolution` with ``x`` (B, *shape) fp32 and the NFE.
+        """
+        if x0 is None:
+            if num_samples is None:
+                raise ValueError("sample() needs num_samples or x0")
+            x0 = self.source.sample(num_samples, generator)
+        x0 = x0.to(self.device).float()
+        hp = self.hparams
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return self.net(x, t, cond) if cond is not None else self.net(x, t)
+
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return odeint(
+                velocity, x0, solver or hp.solver, steps or hp.steps, atol or hp.atol, rtol or hp.rtol, num_saves
+            )
+        finally:
+            self.net.train(was_training)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> FlowMatchingModule:
+    """Rebuild a :class:`FlowMatchingModule` from a checkpoint alone, safely.
+
+    The file is read with ``torch.load(..., weights_only=True)``: a checkpoint that would need
+    arbitrary objects unpickled is refused, and classes are rebuilt only from trusted packages.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not a readable fm-lightning checkpoint, or is unsafe.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .ckpt file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path!r}: it needs arbitrary Python objects unpickled, which could run code. "
+            f"Only fm-lightning checkpoints (weights_only-safe) are accepted. Details: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{path!r} is not an fm-lightning checkpoint (no state_dict / hyper_parameters)")
+    model = FlowMatchingModule(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

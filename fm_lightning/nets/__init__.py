@@ -1,0 +1,6 @@
+"""Velocity networks. Contract: ``net(x, t, cond=None) -> v`` with ``x`` (B, *shape),
+``t`` (B,) and ``v`` shaped like ``x``."""
+
+from .mlp import MLP
+
+__all__ = ["MLP"]

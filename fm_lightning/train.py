@@ -1,0 +1,106 @@
+"""``fm-train``: the Hydra entry point.
+
+Composes ``configs/train.yaml``, instantiates the datamodule, module, callbacks, loggers and
+trainer, fits, and writes ``metrics.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["main", "run", "CONFIG_DIR"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+class UserError(Exception):
+    """An error in the user's configuration or input, reported without a traceback."""
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a callbacks/logger group (``None`` entries are off)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def _check_output_dir(output_dir: str, resuming: bool) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output directory {out} is not writable; set paths.log_dir (or FM_ROOT) to a writable place")
+    ckpt_dir = out / "checkpoints"
+    if not resuming and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise UserError(
+            f"{out} already holds checkpoints from an earlier run; refusing to overwrite them. "
+            "Use a new hydra.run.dir, or resume with ckpt_path=<checkpoint>"
+        )
+
+
+def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        value = float(value)
+        metrics[key] = value if math.isfinite(value) else str(value)
+    metrics["global_step"] = trainer.global_step
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train as configured by ``cfg``; return the final metrics (also saved as metrics.json)."""
+    output_dir = cfg.paths.output_dir
+    _check_output_dir(output_dir, resuming=cfg.get("ckpt_path") is not None)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data)
+        model = hydra.utils.instantiate(cfg.model)
+        callbacks = _instantiate_all(cfg.get("callbacks"))
+        loggers = _instantiate_all(cfg.get("logger"))
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise UserError(f"{cause}") from err
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _final_metrics(trainer)
+    if trainer.is_global_zero:
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+        log.info("run directory: %s", output_dir)
+        log.info("final metrics: %s", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        print(f"fm-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    value = metrics.get("val/w2")
+    return value if isinstance(value, float) else None
+
+
+def main() -> None:
+    """Console entry point ``fm-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
