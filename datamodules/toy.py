@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Iterator
 
 import lightning as L
@@ -341,6 +342,10 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         raise TypeError(f"bad arguments for distribution {name!r}: {err}") from err
 
 
+# The pair stream is generated in the main process, where its __len__ is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+
 class _PairStream(IterableDataset):
     """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
     function of ``(seed, rank, e, k)``, so a stream can restart at any batch."""
@@ -395,6 +400,8 @@ class ToyDataModule(L.LightningDataModule):
                 f"source {self.source} has dim {self.source.dim} but target {self.target} has dim "
                 f"{self.target.dim}; they must match (set data.dim for gaussian, or use matching files)"
             )
+        if self.source.dim != dim:
+            raise ValueError(f"the data are {self.source.dim}-dimensional but data.dim={dim}; set data.dim={self.source.dim}")
         self.dim = self.source.dim
         self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
         self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed)

@@ -1,21 +1,32 @@
-"""Callbacks: sample the learned ODE during training, plot it and log quality metrics."""
+"""Callbacks: sample the learned ODE during training, plot it and log quality metrics.
+
+- :class:`EMA`: Lightning's ``EMAWeightAveraging``, plus a record of which weights the module
+  holds, so that the sampling callbacks can use the EMA weights whatever the callback order.
+- :class:`SampleCallback`: 2-D scatter/trajectory plots and W2, or image grids and x_t strips.
+- :class:`FIDCallback`: FID of generated images against cached reference statistics.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 
 from .flow.solve import Solver
-from .metrics import wasserstein2
+from .metrics import FID, wasserstein2
 
-__all__ = ["SampleCallback", "log_image"]
+__all__ = ["SampleCallback", "FIDCallback", "EMA", "model_weights", "save_image_grid", "log_image"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +66,118 @@ def _trajectory_figure(traj: Tensor) -> Figure:
     return fig
 
 
+def save_image_grid(images: Tensor, path: str, nrow: int) -> None:
+    """Save images (B, C, H, W) in [-1, 1] as one RGB PNG grid with ``nrow`` images per row."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=1, normalize=True,
+                     value_range=(-1, 1), pad_value=1.0)
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(array, mode="RGB").save(path)
+
+
+class EMA(EMAWeightAveraging):
+    """Exponential moving average of the weights: Lightning's ``EMAWeightAveraging`` as is, plus
+    a record of which weights the module holds (see :meth:`weights`).
+
+    Lightning's callback swaps the EMA weights into the module for validation
+    (``on_validation_epoch_start`` .. ``on_validation_epoch_end``), copies them into it at the end
+    of fit, and writes them to the checkpoint's ``state_dict`` (raw weights under
+    ``current_model_state``; both restored on resume). What it does not offer is a way for
+    another callback to know which weights are loaded at a given hook, which depends on the
+    callback order; this subclass records it.
+
+    Args:
+        decay: EMA decay, ``ema = decay*ema + (1 - decay)*w`` after every update.
+        update_every_n_steps: update every n optimizer steps.
+        update_starting_at_step: first optimizer step (0-based) that updates; before it the EMA
+            copies the weights.
+        device: keep the EMA copy on this device (``"cpu"`` saves accelerator memory); default
+            the module's.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        if not 0 < decay < 1 or update_every_n_steps < 1:
+            raise ValueError(f"EMA needs 0 < decay < 1 and update_every_n_steps >= 1, got {decay}, {update_every_n_steps}")
+        super().__init__(
+            device=device, decay=decay, update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+        )
+        self.decay, self.device = decay, device
+        self.swapped = False  # the module holds the EMA weights (the average model the raw ones)
+        self.finished = False  # fit ended: the module holds the EMA weights, the raw ones are gone
+
+    def _swap_models(self, pl_module: L.LightningModule) -> None:
+        super()._swap_models(pl_module)
+        self.swapped = not self.swapped
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.finished = True
+
+    @contextlib.contextmanager
+    def weights(self, pl_module: L.LightningModule, ema: bool = True) -> Iterator[None]:
+        """Within the block, ``pl_module`` holds the EMA (``ema=True``) or raw weights."""
+        if self._average_model is None or self.finished or self.swapped == ema:
+            if self.finished and not ema:
+                rank_zero_warn("fit has ended and the module holds the EMA weights; the raw ones are in the checkpoint")
+            yield
+            return
+        self._swap_models(pl_module)
+        try:
+            yield
+        finally:
+            self._swap_models(pl_module)
+
+
+_warned_weight_averaging = False
+
+
+@contextlib.contextmanager
+def model_weights(trainer: L.Trainer, pl_module: L.LightningModule, ema: bool = True) -> Iterator[None]:
+    """Within the block, ``pl_module`` holds the EMA weights (if an :class:`EMA` callback is
+    training them and ``ema``) or the raw ones."""
+    global _warned_weight_averaging
+    callback = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    if callback is None:
+        if not _warned_weight_averaging and any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+            _warned_weight_averaging = True
+            rank_zero_warn(
+                "a WeightAveraging callback other than fm_lightning.callbacks.EMA is in use; sampling callbacks "
+                "cannot tell which weights the module holds and use whatever is loaded"
+            )
+        yield
+        return
+    with callback.weights(pl_module, ema):
+        yield
+
+
+def _fixed_labels(pl_module: Any, n: int) -> Tensor | None:
+    """``0, 1, ..., K-1, 0, 1, ...`` (n,) for a conditional model with K classes, else ``None``."""
+    k = int(getattr(pl_module, "num_classes", 0) or 0)
+    return torch.arange(n) % k if k else None
+
+
 class SampleCallback(L.Callback):
     """Integrates the learned ODE from fixed source points after validation and at fit end.
 
-    Logs ``val/w2`` (exact OT against fresh target samples, when the datamodule has a
-    ``target`` distribution) and ``val/nfe``; saves ``samples.png`` and ``trajectories.png`` in
-    the run directory (``trainer.default_root_dir``) and hands them to the loggers.
+    Logs ``val/nfe`` and, for 2-D data, ``val/w2`` (exact OT against fresh target samples, when
+    the datamodule has a ``target`` distribution). In the run directory
+    (``trainer.default_root_dir``) it saves, and hands to the loggers:
+
+    - 2-D data: ``samples.png`` and ``trajectories.png`` (``samples/samples``, ``samples/trajectories``);
+    - images: ``grid.png`` (``samples/grid``), and with ``num_trajectories > 0`` a strip of
+      ``x_t`` along the trajectory, one row per sample (``trajectory.png``, ``samples/trajectory``).
+
+    Class-conditional models get fixed labels ``0, 1, ..., K-1, 0, ...`` (one class per grid
+    column). Sampling uses the EMA weights when an :class:`EMA` callback trains them.
 
     Args:
         num_samples: number of fixed source points (and fresh target points for W2).
@@ -71,6 +188,9 @@ class SampleCallback(L.Callback):
         atol: adaptive-solver tolerance (default: the module's).
         rtol: adaptive-solver tolerance (default: the module's).
         seed: seed of the fixed source points and the fresh target draws.
+        guidance: classifier-free guidance scale for conditional models (default 1).
+        num_saves: trajectory points (2-D plot; default 50) or strip frames (images; default 8).
+        use_ema: sample with the EMA weights when there are any (else the raw ones).
     """
 
     def __init__(
@@ -83,19 +203,27 @@ class SampleCallback(L.Callback):
         atol: float | None = None,
         rtol: float | None = None,
         seed: int = 0,
+        guidance: float | None = None,
+        num_saves: int | None = None,
+        use_ema: bool = True,
     ) -> None:
         if num_samples < 2 or every_n_validations < 1:
             raise ValueError("SampleCallback needs num_samples >= 2 and every_n_validations >= 1")
+        if num_saves is not None and num_saves < 2:
+            raise ValueError(f"SampleCallback num_saves must be >= 2, got {num_saves}")
         self.num_samples, self.num_trajectories = num_samples, num_trajectories
         self.every_n_validations, self.seed = every_n_validations, seed
         self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
+        self.guidance, self.num_saves, self.use_ema = guidance, num_saves, use_ema
         self._x0: Tensor | None = None
+        self._cond: Tensor | None = None
         self._validations = 0
         self._last_step = -1
         self.last_metrics: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
+        self._cond = _fixed_labels(pl_module, self.num_samples)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -116,7 +244,40 @@ class SampleCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
         """Sample, compute metrics, and (on rank zero) save and log the plots."""
         self._last_step = trainer.global_step
-        sol = pl_module.sample(x0=self._x0, **self.solver_kwargs)
+        with model_weights(trainer, pl_module, self.use_ema):
+            if self._x0.dim() == 4:
+                return self._evaluate_images(trainer, pl_module)
+            return self._evaluate_points(trainer, pl_module)
+
+    def _sample(self, pl_module: Any, n: int | None = None, **kwargs: Any):
+        cond = None if self._cond is None else self._cond[:n]
+        return pl_module.sample(x0=self._x0[:n], cond=cond, guidance=self.guidance, **self.solver_kwargs, **kwargs)
+
+    def _save(self, trainer: L.Trainer, name: str, key: str, write: Any) -> None:
+        out_dir = trainer.default_root_dir
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, name)
+        write(path)
+        log_image(trainer, key, path)
+
+    def _evaluate_images(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+        sol = self._sample(pl_module)
+        metrics = {"val/nfe": float(sol.nfe)}
+        self.last_metrics = metrics
+        if trainer.is_global_zero:
+            k = int(getattr(pl_module, "num_classes", 0) or 0)
+            nrow = k if k else math.ceil(math.sqrt(self.num_samples))
+            self._save(trainer, "grid.png", "samples/grid", lambda p: save_image_grid(sol.x, p, nrow))
+            if self.num_trajectories > 0:
+                frames = self.num_saves or 8
+                traj = self._sample(pl_module, self.num_trajectories, num_saves=frames).trajectory
+                strip = traj.transpose(0, 1).flatten(0, 1)  # (n * frames, C, H, W), one row per sample
+                self._save(trainer, "trajectory.png", "samples/trajectory",
+                           lambda p: save_image_grid(strip, p, traj.shape[0]))
+        return metrics
+
+    def _evaluate_points(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+        sol = self._sample(pl_module)
         samples = sol.x.cpu()
         metrics = {"val/nfe": float(sol.nfe)}
         target_dist = getattr(trainer.datamodule, "target", None)
@@ -127,15 +288,142 @@ class SampleCallback(L.Callback):
             metrics["val/w2"] = wasserstein2(samples, target)
         self.last_metrics = metrics
         if trainer.is_global_zero and samples.dim() == 2:
-            traj = pl_module.sample(x0=self._x0[: self.num_trajectories], num_saves=50, **self.solver_kwargs)
-            out_dir = trainer.default_root_dir
-            os.makedirs(out_dir, exist_ok=True)
+            traj = self._sample(pl_module, self.num_trajectories, num_saves=self.num_saves or 50)
             figures = {
                 "samples": _scatter_figure(samples, target if target is not None else samples, self._x0),
                 "trajectories": _trajectory_figure(traj.trajectory.cpu()),
             }
             for name, fig in figures.items():
-                path = os.path.join(out_dir, f"{name}.png")
-                fig.savefig(path, bbox_inches="tight")
-                log_image(trainer, f"samples/{name}", path)
+                self._save(trainer, f"{name}.png", f"samples/{name}", lambda p, fig=fig: fig.savefig(p, bbox_inches="tight"))
         return metrics
+
+
+class FIDCallback(L.Callback):
+    """FID of generated images against reference statistics of real ones (:class:`~fm_lightning.metrics.FID`).
+
+    Reference statistics come from ``reference`` (an ``.npz`` with ``mu`` and ``sigma``) when
+    that file exists. Otherwise they are computed once, in ``setup``, from the datamodule's
+    ``reference_dataloader()`` (for :class:`~datamodules.images.ImageDataModule`, the whole
+    training split without flips) and, if ``reference`` is a path, cached there for later runs.
+
+    Under DDP every rank generates its share of ``num_samples`` (different noise per rank) and
+    the feature statistics are summed over ranks before the distance is taken. Sampling uses
+    the EMA weights when an :class:`EMA` callback trains them (``use_ema``), in fp32.
+
+    Args:
+        num_samples: generated images (over all ranks).
+        batch_size: images integrated at once per rank.
+        reference: cache file of the reference statistics, or ``None`` to compute them each run.
+        num_reference: use only the first n reference images (``None``: all of them).
+        feature: ``2048`` for the standard Inception-v3 pool features, or an injected
+            ``nn.Module`` (see :class:`~fm_lightning.metrics.FID`).
+        weights_path: local Inception weights file for offline machines.
+        solver, steps, atol, rtol: ODE solver settings (default: the module's).
+        guidance: classifier-free guidance scale for conditional models (labels are balanced:
+            image ``i`` gets class ``i % K``).
+        every_n_validations: also evaluate after every n-th validation (0: only at fit end).
+        at_train_end: evaluate when fit ends.
+        key: metric name; the mean NFE per sample batch goes to ``{key}_nfe``.
+        seed: seed of the noise (rank r uses ``seed + r``).
+        use_ema: sample with the EMA weights when there are any.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 50_000,
+        batch_size: int = 500,
+        reference: str | None = None,
+        num_reference: int | None = None,
+        feature: int | nn.Module = 2048,
+        weights_path: str | None = None,
+        solver: Solver | None = None,
+        steps: int | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        guidance: float | None = None,
+        every_n_validations: int = 0,
+        at_train_end: bool = True,
+        key: str = "val/fid",
+        seed: int = 0,
+        use_ema: bool = True,
+    ) -> None:
+        if num_samples < 2 or batch_size < 1 or every_n_validations < 0:
+            raise ValueError("FIDCallback needs num_samples >= 2, batch_size >= 1 and every_n_validations >= 0")
+        if num_reference is not None and num_reference < 2:
+            raise ValueError(f"num_reference must be >= 2 or null, got {num_reference}")
+        self.num_samples, self.batch_size, self.reference, self.num_reference = num_samples, batch_size, reference, num_reference
+        self.feature, self.weights_path = feature, weights_path
+        self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
+        self.guidance, self.every_n_validations, self.at_train_end = guidance, every_n_validations, at_train_end
+        self.key, self.seed, self.use_ema = key, seed, use_ema
+        self.fid: FID | None = None
+        self._validations = 0
+        self._last_step = -1
+        self.last_metrics: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if self.fid is not None:
+            return
+        datamodule = trainer.datamodule
+        cached = self.reference is not None and os.path.isfile(self.reference)
+        can_compute = hasattr(datamodule, "reference_dataloader")
+        if not cached and not can_compute:
+            where = f"reference file {self.reference!r} does not exist" if self.reference else "no reference file is set"
+            raise ValueError(
+                f"FID needs reference statistics, but {where} and the datamodule ({type(datamodule).__name__}) "
+                "cannot provide real images to compute them; set the FID callback's reference to an .npz "
+                "with mu and sigma, or train with an image datamodule (data=images)"
+            )
+        fid = FID(self.feature, self.weights_path).to(pl_module.device)
+        source = getattr(datamodule, "reference_name", None)
+        if cached:
+            fid.load_reference(self.reference, source, rank=trainer.global_rank)
+            rank_zero_info(f"FID reference statistics: {self.reference}")
+        else:
+            self._compute_reference(fid, trainer, datamodule)
+            if self.reference is not None:
+                fid.save_reference(self.reference, source or type(datamodule).__name__, rank=trainer.global_rank)
+                rank_zero_info(f"FID reference statistics cached in {self.reference}")
+        self.fid = fid
+
+    def _compute_reference(self, fid: FID, trainer: L.Trainer, datamodule: Any) -> None:
+        loader = datamodule.reference_dataloader(
+            batch_size=self.batch_size, rank=trainer.global_rank, world_size=trainer.world_size, limit=self.num_reference
+        )
+        for batch in loader:
+            fid.update(batch["x1"], real=True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations == 0:
+            for key, value in self.evaluate(trainer, pl_module).items():
+                pl_module.log(key, value)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.at_train_end and self._last_step != trainer.global_step:
+            metrics = self.evaluate(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+        """Generate this rank's share of ``num_samples``, then the FID over all ranks."""
+        self._last_step = trainer.global_step
+        self.fid.to(pl_module.device)
+        rank, world = trainer.global_rank, trainer.world_size
+        ids = torch.arange(rank, self.num_samples, world)
+        gen = torch.Generator().manual_seed(self.seed + rank)
+        labels = _fixed_labels(pl_module, self.num_samples)
+        nfes = []
+        with model_weights(trainer, pl_module, self.use_ema):
+            for chunk in ids.split(self.batch_size):
+                x0 = pl_module.source.sample(len(chunk), gen)
+                cond = None if labels is None else labels[chunk]
+                sol = pl_module.sample(x0=x0, cond=cond, guidance=self.guidance, **self.solver_kwargs)
+                self.fid.update(sol.x, real=False)
+                nfes.append(sol.nfe)
+        self.last_metrics = {self.key: self.fid.compute(), f"{self.key}_nfe": float(sum(nfes) / max(len(nfes), 1))}
+        return self.last_metrics

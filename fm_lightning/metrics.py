@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["wasserstein2"]
+__all__ = ["wasserstein2", "FID", "to_uint8"]
 
 
 def wasserstein2(x: Tensor, y: Tensor) -> float:
@@ -22,3 +22,147 @@ def wasserstein2(x: Tensor, y: Tensor) -> float:
     cost = torch.cdist(x, y).square().numpy()
     a, b = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y))
     return float(np.sqrt(max(ot.emd2(a, b, cost, numItermax=10_000_000), 0.0)))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 in [0, 255], as a saved PNG would hold them."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _Injected(torch.nn.Module):
+    """Adapts a user's extractor to torchmetrics: uint8 in, ``extractor(x in [-1, 1])`` out."""
+
+    def __init__(self, extractor: torch.nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = int(extractor.num_features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.extractor(images.float() / 127.5 - 1).flatten(1)
+
+
+class FID:
+    """Frechet distance between generated images and reference statistics, on torchmetrics'
+    ``FrechetInceptionDistance``: ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))``.
+
+    Images are given in [-1, 1] (B, C, H, W) and quantised to 8 bits first, as saved PNGs are.
+
+    Under DDP each rank updates with its own share of the images; :meth:`compute` and
+    :meth:`reference` sum the feature statistics of all ranks (torchmetrics' state sync). So that
+    the sum stays right, reference statistics loaded from a file sit on rank zero only.
+
+    Args:
+        feature: ``2048`` (or 64/192/768) for the standard Inception-v3 features (needs
+            ``torch-fidelity`` and its weights), or an ``nn.Module`` with an int attribute
+            ``num_features`` that maps float images (B, C, H, W) in [-1, 1] to (B, num_features).
+        weights_path: a local copy of torch-fidelity's Inception weights
+            (``pt_inception-2015-12-05-6726825d.pth``), for machines that cannot download them.
+    """
+
+    def __init__(self, feature: int | torch.nn.Module = 2048, weights_path: str | None = None) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.inception = isinstance(feature, int)
+        if self.inception:
+            self.name = f"inception-v3-{feature}"
+            try:
+                self.metric = FrechetInceptionDistance(
+                    feature=feature, reset_real_features=False, feature_extractor_weights_path=weights_path
+                )
+            except ModuleNotFoundError as err:
+                raise ModuleNotFoundError(
+                    f"FID with Inception features needs torch-fidelity ({err}); `pip install torch-fidelity`, "
+                    "or inject a feature extractor (feature=<nn.Module>)"
+                ) from err
+            except (OSError, RuntimeError, ValueError) as err:
+                raise RuntimeError(
+                    f"cannot load the Inception-v3 weights ({type(err).__name__}: {err}). Without network access, "
+                    "give weights_path=<local pt_inception-2015-12-05-6726825d.pth>, or inject a feature extractor"
+                ) from err
+        else:
+            if not isinstance(getattr(feature, "num_features", None), int):
+                raise TypeError(f"an injected FID feature extractor needs an int attribute num_features, got {feature!r}")
+            self.name = f"{type(feature).__module__}.{type(feature).__qualname__}-{feature.num_features}"
+            self.metric = FrechetInceptionDistance(feature=_Injected(feature), reset_real_features=False)
+        self.metric.eval()
+
+    def to(self, device: torch.device | str) -> "FID":
+        self.metric = self.metric.to(device)
+        return self
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether any reference statistics are present (on this rank)."""
+        return int(self.metric.real_features_num_samples) > 0
+
+    @torch.no_grad()
+    def update(self, images: Tensor, real: bool) -> None:
+        """Add images (B, C, H, W) in [-1, 1] to the reference (``real``) or generated side."""
+        images = to_uint8(images).to(self.metric.device)
+        if self.inception and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.metric.update(images, real=real)
+
+    def compute(self) -> float:
+        """FID of everything added on all ranks; then forgets the generated side."""
+        value = float(self.metric.compute())
+        self.metric.reset()
+        return value
+
+    def reference(self) -> dict[str, np.ndarray]:
+        """The reference statistics summed over ranks: ``mu`` (F,), ``sigma`` (F, F), ``n``."""
+        m = self.metric
+        with m.sync_context():
+            n = int(m.real_features_num_samples)
+            if n < 2:
+                raise ValueError("reference statistics need at least 2 real images")
+            mu = (m.real_features_sum / n).cpu()
+            sigma = ((m.real_features_cov_sum.cpu() - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+        return {"mu": mu.numpy(), "sigma": sigma, "n": np.array(n)}
+
+    def set_reference(self, mu: np.ndarray, sigma: np.ndarray, n: int, rank: int = 0) -> None:
+        """Use fixed reference statistics (held by rank zero; other ranks hold zeros)."""
+        m = self.metric
+        mu_t = torch.as_tensor(np.asarray(mu), dtype=torch.float64, device=m.device).reshape(-1)
+        sigma_t = torch.as_tensor(np.asarray(sigma), dtype=torch.float64, device=m.device)
+        if mu_t.shape != m.real_features_sum.shape or sigma_t.shape != m.real_features_cov_sum.shape:
+            raise ValueError(
+                f"reference statistics have {mu_t.numel()} features but the extractor gives "
+                f"{m.real_features_sum.numel()}"
+            )
+        n = max(int(n), 2)
+        if rank == 0:
+            m.real_features_sum = mu_t * n
+            m.real_features_cov_sum = sigma_t * (n - 1) + n * torch.outer(mu_t, mu_t)
+            m.real_features_num_samples = torch.tensor(n, device=m.device)
+        else:
+            m.real_features_sum = torch.zeros_like(mu_t)
+            m.real_features_cov_sum = torch.zeros_like(sigma_t)
+            m.real_features_num_samples = torch.tensor(0, device=m.device)
+
+    def save_reference(self, path: str, source: str, rank: int = 0) -> None:
+        """Write :meth:`reference` (with the extractor's and the images' names) to an ``.npz``.
+        Under DDP every rank must call it (the statistics are summed); rank zero writes."""
+        import os
+
+        stats = self.reference()
+        if rank != 0:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.npz"
+        np.savez(tmp, **stats, extractor=np.array(self.name), source=np.array(source))
+        os.replace(tmp, path)
+
+    def load_reference(self, path: str, source: str | None = None, rank: int = 0) -> None:
+        """Read statistics written by :meth:`save_reference` (or any ``.npz`` with ``mu`` and
+        ``sigma``, such as pytorch-fid's); refuse ones made with another extractor or data."""
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z.files or "sigma" not in z.files:
+                raise ValueError(f"FID reference file {path!r} must hold arrays 'mu' and 'sigma', has {z.files}")
+            for key, expected in (("extractor", self.name), ("source", source)):
+                if expected is not None and key in z.files and str(z[key]) != expected:
+                    raise ValueError(
+                        f"FID reference file {path!r} was made for {key} {str(z[key])!r}, not {expected!r}; "
+                        "delete it to recompute, or point reference at another file"
+                    )
+            self.set_reference(z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else 50_000, rank)

@@ -9,10 +9,11 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .flow.objective import CFMObjective
-from .flow.solve import ODESolution, Solver, odeint
+from .flow.solve import ODESolution, Solver, check_solver, odeint
 from .spec import from_spec, to_spec
 
 __all__ = ["FlowMatchingModule", "load_checkpoint"]
@@ -29,6 +30,11 @@ class FlowMatchingModule(L.LightningModule):
     Batches are dicts with ``x1`` (B, *shape), and optionally ``x0`` (B, *shape) (else drawn
     from ``source``) and ``cond`` (B,) labels.
 
+    Class-conditional nets (``net.num_classes > 0``) reserve label ``num_classes`` as the null
+    class. During training, ``cond_drop_prob`` of the labels are replaced by it, before the
+    coupling (so OT couplings pair the dropped samples among themselves, and every other sample
+    within its class). That trains the unconditional field used by classifier-free guidance.
+
     Args:
         net: velocity network, ``net(x, t, cond=None) -> v``.
         flow: the CFM objective (path, coupling, time sampler).
@@ -42,6 +48,7 @@ class FlowMatchingModule(L.LightningModule):
         steps: default number of steps for fixed-step solvers.
         atol: default absolute tolerance for adaptive solvers.
         rtol: default relative tolerance for adaptive solvers.
+        cond_drop_prob: probability that a training label is replaced by the null class.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class FlowMatchingModule(L.LightningModule):
         steps: int = 100,
         atol: float = 1e-4,
         rtol: float = 1e-4,
+        cond_drop_prob: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = _build(net)
@@ -63,6 +71,15 @@ class FlowMatchingModule(L.LightningModule):
         self.source = _build(source)
         self.optimizer_factory = _build(optimizer, partial=True) or functools.partial(torch.optim.Adam, lr=1e-3)
         self.lr_scheduler_factory = _build(lr_scheduler, partial=True)
+        self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if cond_drop_prob > 0 and self.num_classes == 0:
+            raise ValueError(
+                "cond_drop_prob > 0 needs a class-conditional net (net.num_classes > 0); set "
+                "model.net.num_classes or model.cond_drop_prob=0"
+            )
+        check_solver(solver, steps, atol, rtol)
         if self.flow.path.requires_gaussian_source and not getattr(self.source, "is_standard_gaussian", False):
             raise ValueError(
                 f"{type(self.flow.path).__name__} assumes a standard Gaussian source, but the source is "
@@ -80,6 +97,7 @@ class FlowMatchingModule(L.LightningModule):
                 "steps": steps,
                 "atol": atol,
                 "rtol": rtol,
+                "cond_drop_prob": cond_drop_prob,
             }
         )
 
@@ -90,10 +108,27 @@ class FlowMatchingModule(L.LightningModule):
     def _source_like(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.source.sample(x1.shape[0], generator).to(device=x1.device, dtype=x1.dtype)
 
+    def _check_labels(self, cond: Tensor | None) -> None:
+        if self.num_classes and cond is None:
+            raise ValueError(
+                f"the net is class-conditional (num_classes={self.num_classes}) but the batches carry no 'cond' "
+                "labels; set data.num_classes (or model.net.num_classes=0 for an unconditional model)"
+            )
+
+    def drop_labels(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Replace each label (B,) by the null class ``num_classes`` with probability ``cond_drop_prob``."""
+        p = self.hparams.cond_drop_prob
+        if p == 0:
+            return cond
+        u = torch.rand(cond.shape, generator=generator, device=generator.device if generator else cond.device)
+        return torch.where(u.to(cond.device) < p, torch.full_like(cond, self.num_classes), cond)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x1 = batch["x1"]
         x0 = batch["x0"] if "x0" in batch else self._source_like(x1)
-        out = self.flow(self, x0, x1, batch.get("cond"))
+        cond = batch.get("cond")
+        self._check_labels(cond)
+        out = self.flow(self, x0, x1, None if cond is None else self.drop_labels(cond))
         self.log("train/loss", out.loss, prog_bar=True, batch_size=x1.shape[0])
         return out.loss
 
@@ -101,6 +136,7 @@ class FlowMatchingModule(L.LightningModule):
         x1 = batch["x1"]
         gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         x0 = batch["x0"] if "x0" in batch else self._source_like(x1, gen)
+        self._check_labels(batch.get("cond"))
         out = self.flow(self, x0, x1, batch.get("cond"), generator=gen)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=x1.shape[0], sync_dist=True)
         return out.loss
@@ -122,23 +158,27 @@ class FlowMatchingModule(L.LightningModule):
         self,
         num_samples: int | None = None,
         x0: Tensor | None = None,
-        cond: Tensor | None = None,
+        cond: Tensor | int | str | None = None,
         solver: Solver | None = None,
         steps: int | None = None,
         atol: float | None = None,
         rtol: float | None = None,
         num_saves: int = 0,
         generator: torch.Generator | None = None,
+        guidance: float | None = None,
     ) -> ODESolution:
         """Integrate the learned ODE from ``x0`` (drawn from the source if not given), in fp32.
 
         Args:
             num_samples: how many samples to draw when ``x0`` is not given.
             x0: initial points (B, *shape).
-            cond: labels (B,) for conditional nets.
+            cond: for class-conditional nets (required there): labels (B,), one label (int) for
+                every sample, or ``"null"`` for explicitly unconditional samples.
             solver, steps, atol, rtol: override the module's sampling defaults.
             num_saves: if > 1, also return the trajectory at this many times.
             generator: RNG for drawing ``x0``.
+            guidance: classifier-free guidance scale ``s`` (conditional nets only):
+                ``v = v_uncond + s*(v_cond - v_uncond)``; ``None`` or 1 is plain conditional.
 
         Returns:
             :class:`ODESolution` with ``x`` (B, *shape) fp32 and the NFE.
@@ -149,9 +189,18 @@ class FlowMatchingModule(L.LightningModule):
             x0 = self.source.sample(num_samples, generator)
         x0 = x0.to(self.device).float()
         hp = self.hparams
+        cond, guidance = self._sampling_labels(cond, x0.shape[0], guidance)
+        null = None if cond is None else torch.full_like(cond, self.num_classes)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return self.net(x, t, cond) if cond is not None else self.net(x, t)
+            if cond is None:
+                return self.net(x, t)
+            if guidance == 1:
+                return self.net(x, t, cond)
+            if guidance == 0:
+                return self.net(x, t, null)
+            v_cond, v_uncond = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
+            return v_uncond + guidance * (v_cond - v_uncond)
 
         was_training = self.net.training
         self.net.eval()
@@ -162,12 +211,53 @@ class FlowMatchingModule(L.LightningModule):
         finally:
             self.net.train(was_training)
 
+    def _sampling_labels(self, cond: Any, n: int, guidance: float | None) -> tuple[Tensor | None, float]:
+        """Validate ``cond``/``guidance`` for :meth:`sample`; labels as a (n,) long tensor."""
+        if not self.num_classes:
+            if guidance is not None:
+                raise ValueError(
+                    f"guidance={guidance} needs a class-conditional model, but this one is unconditional "
+                    "(net.num_classes=0); drop the guidance scale"
+                )
+            if cond is not None:
+                raise ValueError("this model is unconditional (net.num_classes=0); sample it without cond labels")
+            return None, 1.0
+        if cond is None:
+            raise ValueError(
+                f"this model is class-conditional ({self.num_classes} classes): pass cond labels (n,) or one "
+                f"label 0..{self.num_classes - 1}, or cond='null' for unconditional samples"
+            )
+        if isinstance(cond, str):
+            if cond != "null":
+                raise ValueError(f"cond must be labels, an int or 'null', got {cond!r}")
+            cond = self.num_classes
+        cond = torch.as_tensor(cond, dtype=torch.long, device=self.device)
+        cond = cond.expand(n).clone() if cond.dim() == 0 else cond
+        if cond.shape != (n,):
+            raise ValueError(f"cond must have shape ({n},) to match the samples, got {tuple(cond.shape)}")
+        if cond.min() < 0 or cond.max() > self.num_classes:
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes - 1} (or {self.num_classes}, the null class), got "
+                f"{cond.min().item()}..{cond.max().item()}"
+            )
+        guidance = 1.0 if guidance is None else float(guidance)
+        if guidance != 1 and self.hparams.cond_drop_prob == 0:
+            rank_zero_warn(
+                f"guidance={guidance} mixes in the null-class velocity, but this model was trained with "
+                "cond_drop_prob=0, so the null class never saw training"
+            )
+        return cond, guidance
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> FlowMatchingModule:
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", ema: bool = True) -> FlowMatchingModule:
     """Rebuild a :class:`FlowMatchingModule` from a checkpoint alone, safely.
 
     The file is read with ``torch.load(..., weights_only=True)``: a checkpoint that would need
     arbitrary objects unpickled is refused, and classes are rebuilt only from trusted packages.
+
+    Checkpoints written with an EMA callback (Lightning's weight averaging) hold the EMA weights
+    in ``state_dict`` and the raw weights in ``current_model_state``. ``ema=True`` loads the EMA
+    weights when there are any (else the only weights there are); ``ema=False`` the raw ones.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -188,5 +278,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> FlowM
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path!r} is not an fm-lightning checkpoint (no state_dict / hyper_parameters)")
     model = FlowMatchingModule(**ckpt["hyper_parameters"])
-    model.load_state_dict(ckpt["state_dict"])
+    raw = ckpt.get("current_model_state")
+    model.load_state_dict(ckpt["state_dict"] if ema or raw is None else raw)
     return model.eval()

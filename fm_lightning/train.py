@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["main", "run", "CONFIG_DIR"]
@@ -69,6 +70,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model = hydra.utils.instantiate(cfg.model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
+        if not loggers:  # nothing to monitor into; Lightning would refuse the callback
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as err:
         cause = err.__cause__ or err

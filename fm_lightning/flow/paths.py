@@ -69,7 +69,7 @@ class ICFMPath(ProbabilityPath):
     """
 
     def __init__(self, sigma: float = 0.0) -> None:
-        if sigma < 0:
+        if not sigma >= 0:  # also rejects NaN
             raise ValueError(f"ICFMPath sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
@@ -118,7 +118,7 @@ class VPPath(ProbabilityPath):
     """
 
     def __init__(self, sigma: float = 0.0) -> None:
-        if sigma < 0:
+        if not sigma >= 0:  # also rejects NaN
             raise ValueError(f"VPPath sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 

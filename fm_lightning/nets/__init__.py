@@ -2,5 +2,6 @@
 ``t`` (B,) and ``v`` shaped like ``x``."""
 
 from .mlp import MLP
+from .unet import UNet
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "UNet"]

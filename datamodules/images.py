@@ -1,0 +1,317 @@
+"""``ImageDataModule``: image datasets for flow matching, pixels scaled to [-1, 1].
+
+Datasets (``dataset=``):
+
+- ``mnist``, ``fashion_mnist``, ``cifar10``: torchvision's classes, read from ``root`` in their
+  usual layout (``root/MNIST/raw``, ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``);
+  ``download=true`` fetches them once (rank zero, in ``prepare_data``).
+- ``imagefolder``: any tree ``root/<class>/<image>`` (torchvision ``ImageFolder``); the class
+  folders, sorted, give the labels.
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images), no download.
+
+Batches are dicts ``{"x1": (B, C, H, W) in [-1, 1], "cond": (B,) int64 labels}``; ``cond`` is
+present only when ``num_classes > 0`` (class-conditional training). The module draws ``x0``
+from its own source.
+
+Unreadable image files (``imagefolder``) stop the run with the file's name: ``setup`` checks
+every file once (``verify_images``) and lists all bad ones in one error, and a file that still
+fails to decode later raises an error that names it. Skipping files silently would change the
+dataset (and any FID reference statistics computed from it) without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["ImageDataModule", "DATASETS", "DigitsDataset"]
+
+log = logging.getLogger(__name__)
+
+DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "digits"]
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "digits")
+#: (channels, side length, classes) of the fixed-format datasets.
+_NATIVE = {"mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "digits": (1, 8, 10)}
+_TV_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+_TV_FILES = {
+    "mnist": "MNIST/raw/train-images-idx3-ubyte (and the other three IDX files)",
+    "fashion_mnist": "FashionMNIST/raw/train-images-idx3-ubyte (and the other three IDX files)",
+    "cifar10": "cifar-10-batches-py/data_batch_1..5, test_batch and batches.meta",
+}
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits as ``(PIL image "L", label)``; grey levels 0..16 map to 0..255."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.data = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+        self.targets = digits.target.astype(np.int64)
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        return Image.fromarray(self.data[index], mode="L"), int(self.targets[index])
+
+
+def _load_image(path: str) -> Any:
+    """Open an image file fully, or raise an error that names it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read image file {path!r} ({err}); remove or replace it") from err
+
+
+def _check_images(paths: list[str]) -> None:
+    """Open every file and verify its structure; one error listing every unreadable file."""
+    from PIL import Image
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, ValueError, SyntaxError) as err:
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise ValueError(f"{len(bad)} unreadable image file(s); remove or replace them:\n  {shown}")
+
+
+class _Labelled(Dataset):
+    """``{"x1": transform(image)[, "cond": label]}`` items from a ``(image, label)`` dataset."""
+
+    def __init__(self, base: Dataset, transform: Any, with_labels: bool) -> None:
+        self.base, self.transform, self.with_labels = base, transform, with_labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        img, label = self.base[index]
+        item = {"x1": self.transform(img)}
+        if self.with_labels:
+            item["cond"] = torch.tensor(label, dtype=torch.long)
+        return item
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image batches ``{"x1": (B, C, H, W) in [-1, 1], "cond": (B,)}`` for flow matching.
+
+    Args:
+        dataset: ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagefolder`` or ``digits``.
+        root: folder holding (or receiving) the dataset; for ``imagefolder`` the class tree.
+        download: fetch torchvision datasets into ``root`` if missing (ignored otherwise).
+        image_size: side length after resizing (images are resized, then centre-cropped to a
+            square); ``None`` keeps the native size (required for ``imagefolder``).
+        channels: 1 (greyscale) or 3 (RGB); images are converted. ``None`` keeps the native
+            channels (RGB for ``imagefolder``).
+        num_classes: 0 for unconditional batches (no labels); otherwise the dataset's class
+            count, and batches carry ``cond`` labels.
+        hflip: random horizontal flips of training images.
+        val_split: ``holdout`` takes ``val_fraction`` of the training split (fixed by ``seed``)
+            for validation; ``test`` validates on the official test split (torchvision sets).
+        val_fraction: share of the training split held out when ``val_split=holdout``; 0 for
+            no validation set.
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory (for GPU training).
+        seed: seed of the holdout split.
+        verify_images: check every ``imagefolder`` file in ``setup`` (see the module doc).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "digits",
+        root: str = "data",
+        download: bool = False,
+        image_size: int | None = None,
+        channels: int | None = None,
+        num_classes: int = 0,
+        hflip: bool = False,
+        val_split: Literal["holdout", "test"] = "holdout",
+        val_fraction: float = 0.05,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        verify_images: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown image dataset {dataset!r}; choose one of {list(DATASETS)}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or null (native), got {channels}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be >= 1 or null (native size), got {image_size}")
+        if dataset == "imagefolder" and image_size is None:
+            raise ValueError("imagefolder needs image_size (its images may differ in size); set data.image_size")
+        if val_split not in ("holdout", "test"):
+            raise ValueError(f"val_split must be 'holdout' or 'test', got {val_split!r}")
+        if val_split == "test" and dataset not in _TV_CLASS:
+            raise ValueError(f"val_split='test' needs a dataset with a test split ({sorted(_TV_CLASS)}); use holdout")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1 or num_workers < 0 or num_classes < 0:
+            raise ValueError("batch_size must be >= 1, num_workers >= 0 and num_classes >= 0")
+        if dataset in _NATIVE and num_classes not in (0, _NATIVE[dataset][2]):
+            raise ValueError(f"{dataset} has {_NATIVE[dataset][2]} classes; set num_classes to that (or 0), got {num_classes}")
+        self.dataset, self.root, self.download = dataset, os.fspath(root), download
+        self.image_size, self.channels, self.num_classes, self.hflip = image_size, channels, num_classes, hflip
+        self.val_split, self.val_fraction, self.batch_size = val_split, val_fraction, batch_size
+        self.num_workers, self.pin_memory, self.seed, self.verify_images = num_workers, pin_memory, seed, verify_images
+        self.data_train: Dataset | None = None
+        self.data_val: Dataset | None = None
+        self._train_base: Dataset | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the batches."""
+        native = _NATIVE.get(self.dataset, (3, None, None))
+        size = self.image_size or native[1]
+        return (self.channels or native[0], size, size)
+
+    # -- loading -----------------------------------------------------------------------------
+    def _torchvision(self, train: bool, download: bool = False) -> Dataset:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TV_CLASS[self.dataset])
+        try:
+            return cls(self.root, train=train, download=download)
+        except RuntimeError as err:
+            if download:
+                raise
+            raise FileNotFoundError(
+                f"{self.dataset} was not found (or is corrupted) under root={self.root!r}: expected "
+                f"{os.path.join(self.root, _TV_FILES[self.dataset])}. Set data.download=true to fetch it, "
+                f"or point data.root at the folder that holds it ({err})"
+            ) from err
+
+    def _base(self, train: bool) -> Dataset:
+        if self.dataset in _TV_CLASS:
+            return self._torchvision(train)
+        if self.dataset == "digits":
+            return DigitsDataset()
+        import torchvision.datasets as tvd
+
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(
+                f"imagefolder root {self.root!r} does not exist; point data.root at a folder laid out as "
+                "root/<class>/<image files>"
+            )
+        try:
+            folder = tvd.ImageFolder(self.root, loader=_load_image)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; imagefolder expects root/<class>/<image files>") from err
+        if self.num_classes and len(folder.classes) != self.num_classes:
+            raise ValueError(
+                f"{self.root!r} has {len(folder.classes)} class folders {folder.classes[:10]} but num_classes="
+                f"{self.num_classes}; set data.num_classes={len(folder.classes)} (or 0 for unconditional)"
+            )
+        if self.verify_images:
+            _check_images([path for path, _ in folder.samples])
+        return folder
+
+    def transform(self, train: bool) -> Any:
+        """PIL image -> (C, H, W) float tensor in [-1, 1]: convert, resize, crop, flip, scale."""
+        from torchvision import transforms as T
+
+        steps: list[Any] = []
+        if self.channels is not None or self.dataset == "imagefolder":
+            steps.append(T.Lambda(_to_rgb if (self.channels or 3) == 3 else _to_grey))
+        if self.image_size is not None:
+            steps += [T.Resize(self.image_size, antialias=True), T.CenterCrop(self.image_size)]
+        if train and self.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        steps += [T.ToTensor(), T.Normalize(0.5, 0.5)]
+        return T.Compose(steps)
+
+    def prepare_data(self) -> None:
+        if self.download and self.dataset in _TV_CLASS:
+            self._torchvision(train=True, download=True)
+            self._torchvision(train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        labels = self.num_classes > 0
+        base = self._train_base = self._base(train=True)
+        if self.val_split == "test":
+            train_idx, val = np.arange(len(base)), _Labelled(self._base(train=False), self.transform(False), labels)
+        else:
+            perm = np.random.default_rng(self.seed).permutation(len(base))
+            n_val = int(round(self.val_fraction * len(base)))
+            if self.val_fraction > 0 and (n_val < 1 or n_val >= len(base)):
+                raise ValueError(f"val_fraction={self.val_fraction} leaves no train or no val images of {len(base)}")
+            train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+            val = Subset(_Labelled(base, self.transform(False), labels), val_idx.tolist()) if n_val else None
+        self.data_train = Subset(_Labelled(base, self.transform(True), labels), train_idx.tolist())
+        self.data_val = val
+
+    # -- loaders -----------------------------------------------------------------------------
+    def _loader(self, data: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(data) >= (batch_size or self.batch_size),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        return self._loader(self.data_val, shuffle=False) if self.data_val is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def reference_dataloader(
+        self, batch_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None
+    ) -> DataLoader:
+        """The whole training split (no flips, no holdout; its first ``limit`` images if given),
+        sharded ``rank::world_size``, for reference statistics such as FID's. Batches are dicts
+        like training batches."""
+        self.setup()
+        data = _Labelled(self._train_base, self.transform(False), self.num_classes > 0)
+        n = len(data) if limit is None else min(limit, len(data))
+        shard = Subset(data, list(range(rank, n, world_size)))
+        return DataLoader(shard, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    @property
+    def reference_name(self) -> str:
+        """Identifies the reference images: dataset, split and pixel shape."""
+        c, h, w = self.shape
+        where = f":{os.path.abspath(self.root)}" if self.dataset == "imagefolder" else ""
+        return f"{self.dataset}{where}-train-{c}x{h}x{w}"
+
+
+def _to_rgb(img: Any) -> Any:
+    return img.convert("RGB")
+
+
+def _to_grey(img: Any) -> Any:
+    return img.convert("L")

@@ -1,0 +1,52 @@
+"""Shared fixtures: compose the real Hydra configs at tiny sizes, run fm-train in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from fm_lightning.train import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: list[str], output_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Compose ``configs/train.yaml`` with ``overrides``; ``paths.output_dir`` points at ``output_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Factory: the default experiment at smoke-test size, writing into ``tmp_path/run``."""
+
+    def make(*overrides: str, output_dir: str | os.PathLike | None = None) -> DictConfig:
+        return compose_config(["debug=fast", *overrides], output_dir or tmp_path / "run")
+
+    return make
+
+
+def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a console script (``fm-train``, ``fm-sample``...) as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_network(monkeypatch, tmp_path):
+    """W&B never touches the network in tests and writes only under the test's tmp dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,0 +1,218 @@
+"""Couplings against brute-force optima and the entropic-OT theory."""
+
+import itertools
+import logging
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fm_lightning.flow.couplings import ExactOTCoupling, IndependentCoupling, SinkhornOTCoupling
+from fm_lightning.flow.objective import CFMObjective
+from fm_lightning.flow.paths import ICFMPath, LipmanOTPath, SchrodingerBridgePath
+
+
+def _cost_matrix(x0, x1):
+    """Squared Euclidean cost (B, B) in float64 numpy, computed independently of the library."""
+    a = x0.reshape(x0.shape[0], -1).double().numpy()
+    b = x1.reshape(x1.shape[0], -1).double().numpy()
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def _brute_force(cost):
+    """Optimal permutation sigma (sigma[i] = target of source i) and its total cost."""
+    n = cost.shape[0]
+    perms = np.array(list(itertools.permutations(range(n))))
+    totals = cost[np.arange(n), perms].sum(1)
+    best = int(np.argmin(totals))
+    return perms[best], totals[best]
+
+
+def _row_index(rows, table):
+    """Index in ``table`` of each row of ``rows`` (exact match; rows are distinct)."""
+    r = rows.reshape(rows.shape[0], -1)
+    t = table.reshape(table.shape[0], -1)
+    eq = (r[:, None, :] == t[None, :, :]).all(-1)
+    assert (eq.sum(1) == 1).all(), "an output row is not exactly one input row"
+    return eq.float().argmax(1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape", [(7, 2), (6, 1, 3, 3), (5, 2)], ids=str)
+def test_exact_ot_matches_brute_force(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g)
+    x1 = torch.randn(shape, generator=g) + 0.5
+    y0, y1, c = ExactOTCoupling()(x0, x1)
+    assert c is None and y0.shape == x0.shape and y1.shape == x1.shape
+    i, j = _row_index(y0, x0), _row_index(y1, x1)
+    # A permutation: every source and every target used exactly once.
+    assert sorted(i.tolist()) == list(range(shape[0]))
+    assert sorted(j.tolist()) == list(range(shape[0]))
+    cost = _cost_matrix(x0, x1)
+    sigma, best = _brute_force(cost)
+    got = dict(zip(i.tolist(), j.tolist()))
+    assert got == {k: int(sigma[k]) for k in range(shape[0])}
+    assert cost[i.numpy(), j.numpy()].sum() == pytest.approx(best, rel=1e-12)
+
+
+def test_exact_ot_within_classes():
+    """With labels, each class is solved on its own, even where crossing classes is cheaper."""
+    g = torch.Generator().manual_seed(0)
+    cond = torch.tensor([0, 1, 0, 1, 2, 0, 1, 2])
+    x1 = torch.randn(8, 2, generator=g)
+    # Sources of class c sit right next to targets of class (c + 1) % 3: the global optimum
+    # would cross classes, the class-conditional one must not.
+    x0 = x1[torch.tensor([1, 4, 3, 7, 0, 6, 2, 5])] + 0.01 * torch.randn(8, 2, generator=g)
+    y0, y1, c = ExactOTCoupling()(x0, x1, cond)
+    i, j = _row_index(y0, x0), _row_index(y1, x1)
+    assert torch.equal(c, cond[j])
+    assert torch.equal(cond[i], cond[j]), "a pair crosses classes"
+    assert sorted(i.tolist()) == list(range(8)) and sorted(j.tolist()) == list(range(8))
+    cost = _cost_matrix(x0, x1)
+    for label in cond.unique():
+        idx = torch.nonzero(cond == label).squeeze(1).numpy()
+        sigma, best = _brute_force(cost[np.ix_(idx, idx)])
+        pairs = {(a, b) for a, b in zip(i.tolist(), j.tolist()) if cond[a] == label}
+        assert pairs == {(int(idx[k]), int(idx[sigma[k]])) for k in range(len(idx))}
+    # The unconstrained optimum is strictly cheaper here, so the constraint really binds.
+    _, global_best = _brute_force(cost)
+    assert global_best < cost[i.numpy(), j.numpy()].sum() - 1e-6
+
+
+def test_exact_ot_rejects_non_finite_and_unequal_batches():
+    x = torch.randn(4, 2)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ExactOTCoupling()(bad, x)
+    with pytest.raises(ValueError, match="equal batch sizes"):
+        ExactOTCoupling()(x, x[:3])
+
+
+def test_independent_coupling_keeps_pairs():
+    x0, x1, cond = torch.randn(5, 2), torch.randn(5, 2), torch.arange(5)
+    y0, y1, c = IndependentCoupling()(x0, x1, cond)
+    assert torch.equal(y0, x0) and torch.equal(y1, x1) and torch.equal(c, cond)
+
+
+def _plan(reg, x0, x1, num_iters=3000):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SinkhornOTCoupling(reg=reg, num_iters=num_iters).plan(x0, x1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sinkhorn_converges_to_exact_ot(seed):
+    n = 6
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x1 = torch.randn(n, 2, generator=g, dtype=torch.float64) + 1.0
+    cost = _cost_matrix(x0, x1)
+    sigma, best = _brute_force(cost)
+    ot_cost = best / n  # uniform weights 1/n
+    exact_plan = np.zeros((n, n))
+    exact_plan[np.arange(n), sigma] = 1.0 / n
+    scale = cost.max()
+    gaps, dists = [], []
+    for rel in (1.0, 0.1, 0.01):
+        reg = rel * scale
+        pi = _plan(reg, x0, x1)
+        # Uniform marginals (the smallest reg converges slowly, so it gets a looser check).
+        tol = 1e-8 if rel >= 0.1 else 1e-3 / n
+        np.testing.assert_allclose(pi.sum(1), np.full(n, 1 / n), rtol=0, atol=tol)
+        np.testing.assert_allclose(pi.sum(0), np.full(n, 1 / n), rtol=0, atol=tol)
+        gap = (pi * cost).sum() - ot_cost
+        # 0 <= <P_reg, C> - OT <= reg * (H(P_reg) - H(P*)) <= reg * log(n).
+        assert -1e-3 * tol * scale <= gap <= reg * math.log(n)
+        gaps.append(gap)
+        dists.append(np.abs(pi - exact_plan).sum())
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert dists[0] > dists[1] > dists[2]
+    assert gaps[2] < 1e-3 * scale and dists[2] < 1e-2
+
+
+def test_sinkhorn_marginals_uniform_on_images():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(9, 1, 3, 3, generator=g), torch.randn(9, 1, 3, 3, generator=g)
+    pi = _plan(2.0, x0, x1)
+    np.testing.assert_allclose(pi.sum(1), np.full(9, 1 / 9), atol=1e-8)
+    np.testing.assert_allclose(pi.sum(0), np.full(9, 1 / 9), atol=1e-8)
+    assert (pi >= 0).all()
+
+
+def test_sinkhorn_small_reg_pairs_follow_exact_ot():
+    """At reg << cost scale the drawn pairs are (almost surely) the exact OT pairs."""
+    n = 6
+    g = torch.Generator().manual_seed(4)
+    x0, x1 = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g) + 1.0
+    cost = _cost_matrix(x0, x1)
+    sigma, _ = _brute_force(cost)
+    coupling = SinkhornOTCoupling(reg=0.01 * cost.max(), num_iters=3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y0, y1, _ = coupling(x0, x1, generator=torch.Generator().manual_seed(0))
+    i, j = _row_index(y0, x0), _row_index(y1, x1)
+    assert all(int(sigma[a]) == b for a, b in zip(i.tolist(), j.tolist()))
+
+
+def test_sinkhorn_draws_are_reproducible_and_within_classes():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(12, 2, generator=g), torch.randn(12, 2, generator=g)
+    cond = torch.tensor([0, 1, 2] * 4)
+    coupling = SinkhornOTCoupling(reg=0.5)
+    a = coupling(x0, x1, cond, generator=torch.Generator().manual_seed(7))
+    b = coupling(x0, x1, cond, generator=torch.Generator().manual_seed(7))
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    i, j = _row_index(a[0], x0), _row_index(a[1], x1)
+    assert torch.equal(cond[i], cond[j]) and torch.equal(a[2], cond[j])
+
+
+@pytest.mark.parametrize("reg", [1e-310, 1e-100, 1e-20])
+def test_sinkhorn_degenerate_reg_falls_back_with_warning(reg, caplog):
+    """A reg far below the cost scale breaks the solver; the batch falls back to independent
+    pairs with a logged warning instead of drawing from a plan that is not a coupling."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g) + 3.0
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="fm_lightning.flow.couplings"):
+        warnings.simplefilter("ignore")
+        y0, y1, _ = SinkhornOTCoupling(reg=reg)(x0, x1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y0, x0) and torch.equal(y1, x1)
+    assert any("falling back" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_sinkhorn_sane_reg_does_not_warn(caplog):
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    with caplog.at_level(logging.WARNING, logger="fm_lightning.flow.couplings"):
+        SinkhornOTCoupling(reg=1.0)(x0, x1)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("reg", [0.0, -1.0])
+def test_sinkhorn_bad_reg_raises(reg):
+    with pytest.raises(ValueError, match="reg must be > 0"):
+        SinkhornOTCoupling(reg=reg)
+
+
+def test_sinkhorn_unset_reg_plan_raises():
+    with pytest.raises(ValueError, match="reg is unset"):
+        SinkhornOTCoupling().plan(torch.randn(3, 2), torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("path", [ICFMPath(0.1), LipmanOTPath()], ids=repr)
+def test_objective_rejects_unset_reg_without_sb_path(path):
+    with pytest.raises(ValueError, match="SchrodingerBridgePath"):
+        CFMObjective(path, SinkhornOTCoupling(reg=None))
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.3])
+def test_objective_fills_sb_reg(sigma):
+    obj = CFMObjective(SchrodingerBridgePath(sigma), SinkhornOTCoupling(reg=None))
+    assert obj.coupling.reg == pytest.approx(2 * sigma**2, rel=1e-15)
+    # An explicit reg is kept.
+    obj = CFMObjective(SchrodingerBridgePath(sigma), SinkhornOTCoupling(reg=0.7))
+    assert obj.coupling.reg == 0.7
