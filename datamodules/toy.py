@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from fm_lightning.distributed import per_device_batch_size
+
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
@@ -374,7 +376,8 @@ class ToyDataModule(L.LightningDataModule):
         source: distribution of ``x0`` (name, points file, dict or instance; see module doc).
         target: distribution of ``x1``.
         dim: dimension of ``gaussian`` source/target; fixed shapes are 2-D.
-        batch_size: per-device batch size.
+        batch_size: GLOBAL batch size per optimizer step; each device draws
+            ``batch_size / (world_size * accumulate_grad_batches)`` (see ``setup``).
         steps_per_epoch: training batches per epoch (the stream is infinite in principle).
         val_size: size of the fixed validation set (drawn once from ``seed``).
         seed: base seed; each rank and epoch derive their own stream from it.
@@ -409,8 +412,12 @@ class ToyDataModule(L.LightningDataModule):
         self._val = {"x0": self.source.sample(val_size, gen), "x1": self.target.sample(val_size, gen)}
 
     def setup(self, stage: str | None = None) -> None:
+        """Split the global ``batch_size`` over devices and accumulation steps; seed per rank."""
         if self.trainer is not None:
             self._train.rank = self.trainer.global_rank
+            self._train.batch_size = per_device_batch_size(
+                self.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
+            )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._train, batch_size=None)

@@ -365,7 +365,8 @@ class FIDCallback(L.Callback):
         if self.fid is not None:
             return
         datamodule = trainer.datamodule
-        cached = self.reference is not None and os.path.isfile(self.reference)
+        # Rank zero decides, so that every rank takes the same (collective) path.
+        cached = self.reference is not None and trainer.strategy.broadcast(os.path.isfile(self.reference))
         can_compute = hasattr(datamodule, "reference_dataloader")
         if not cached and not can_compute:
             where = f"reference file {self.reference!r} does not exist" if self.reference else "no reference file is set"
@@ -383,6 +384,7 @@ class FIDCallback(L.Callback):
             self._compute_reference(fid, trainer, datamodule)
             if self.reference is not None:
                 fid.save_reference(self.reference, source or type(datamodule).__name__, rank=trainer.global_rank)
+                trainer.strategy.barrier("fid_reference_saved")
                 rank_zero_info(f"FID reference statistics cached in {self.reference}")
         self.fid = fid
 

@@ -8,10 +8,12 @@ import pickle
 from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from .distributed import seed_rank
 from .flow.objective import CFMObjective
 from .flow.solve import ODESolution, Solver, check_solver, odeint
 from .spec import from_spec, to_spec
@@ -56,8 +58,8 @@ class FlowMatchingModule(L.LightningModule):
         net: nn.Module | dict,
         flow: CFMObjective | dict,
         source: Any,
-        optimizer: Callable | dict | None = None,
-        lr_scheduler: Callable | dict | None = None,
+        optimizer: OptimizerCallable | dict | None = None,
+        lr_scheduler: LRSchedulerCallable | dict | None = None,
         val_seed: int = 0,
         solver: Solver = "dopri5",
         steps: int = 100,
@@ -122,6 +124,11 @@ class FlowMatchingModule(L.LightningModule):
             return cond
         u = torch.rand(cond.shape, generator=generator, device=generator.device if generator else cond.device)
         return torch.where(u.to(cond.device) < p, torch.full_like(cond, self.num_classes), cond)
+
+    def on_fit_start(self) -> None:
+        """Under several processes, reseed each rank so noise, times and couplings differ per rank."""
+        if self.trainer.world_size > 1:
+            seed_rank(self.trainer.global_rank)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x1 = batch["x1"]

@@ -45,9 +45,15 @@ def to_spec(obj: Any) -> dict | None:
     if isinstance(obj, dict) and "class_path" in obj:
         return _plain(obj)
     if isinstance(obj, functools.partial):
-        func, kwargs = obj.func, dict(obj.keywords)
-        if obj.args:
+        func, args = obj.func, obj.args
+        if func.__name__ == "call_without_instantiate_context" and len(args) == 2:
+            func, args = args[1], ()  # the Lightning CLI's (jsonargparse's) factory of args[1]
+        if args:
             raise TypeError(f"cannot record positional arguments of partial {obj!r}; use keywords")
+        # Record every keyword with its effective value, so equal factories give equal specs.
+        params = inspect.signature(func).parameters.values()
+        kwargs = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        kwargs.update(obj.keywords)
         return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": _plain(kwargs)}
     cls = obj if inspect.isclass(obj) else type(obj)
     init_args = {}

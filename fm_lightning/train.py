@@ -78,7 +78,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise UserError(f"{cause}") from err
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        for logger in loggers:
+            if hasattr(logger, "finish"):
+                logger.finish()
     metrics = _final_metrics(trainer)
     if trainer.is_global_zero:
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:

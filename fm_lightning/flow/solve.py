@@ -109,19 +109,26 @@ def odeint(
     x0 = x0.float()
     field = _TorchdynField(velocity)
     device = x0.device
+    # torchdyn flips a decreasing t_span itself, but then never matches the fixed-step
+    # ``save_at`` times and returns negated times; integrate ``-v(x, -s)`` over s in [-t0, -t1].
+    reverse = t1 < t0
+    f = (lambda t, x: -field(-t, x)) if reverse else field
+    s0, s1 = (-t0, -t1) if reverse else (t0, t1)
     if solver in FIXED_STEP_SOLVERS:
-        t_span = torch.linspace(t0, t1, int(steps) + 1, device=device)
+        t_span = torch.linspace(s0, s1, int(steps) + 1, device=device)
         kwargs = {}
         if num_saves > 1:
             # Save at the step times nearest to evenly spaced fractions of the way.
             idx = torch.linspace(0, int(steps), num_saves).round().long().unique()
             kwargs["save_at"] = t_span[idx]
     else:
-        t_span = torch.linspace(t0, t1, max(num_saves, 2), device=device)
+        t_span = torch.linspace(s0, s1, max(num_saves, 2), device=device)
         kwargs = {"atol": atol, "rtol": rtol}
     with torch.no_grad(), torch.autocast(device.type, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting tolerances has no effect")
-        t_eval, traj = torchdyn_odeint(field, x0, t_span, _torchdyn_solver(solver), **kwargs)
+        t_eval, traj = torchdyn_odeint(f, x0, t_span, _torchdyn_solver(solver), **kwargs)
+    if reverse:
+        t_eval = -t_eval
     if num_saves > 1:
         return ODESolution(x=traj[-1], nfe=field.nfe, t=t_eval, trajectory=traj)
     return ODESolution(x=traj[-1], nfe=field.nfe)

@@ -1,0 +1,47 @@
+"""Distributed semantics: global batch arithmetic and per-rank randomness."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["per_device_batch_size", "seed_rank"]
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
+    """The per-device batch that makes ``global_batch_size`` per optimizer step.
+
+    ``global = per_device * world_size * accumulate_grad_batches``; raises ``ValueError`` if
+    that does not divide exactly.
+    """
+    if global_batch_size < 1 or world_size < 1 or accumulate_grad_batches < 1:
+        raise ValueError(
+            f"batch size, world size and gradient accumulation must be >= 1, got "
+            f"{global_batch_size}, {world_size}, {accumulate_grad_batches}"
+        )
+    shards = world_size * accumulate_grad_batches
+    if global_batch_size % shards:
+        lower = global_batch_size - global_batch_size % shards
+        raise ValueError(
+            f"the global batch size {global_batch_size} does not divide across {world_size} device(s) x "
+            f"{accumulate_grad_batches} accumulation step(s) = {shards}; set data.batch_size to a multiple "
+            f"of {shards} (e.g. {lower or shards})"
+        )
+    return global_batch_size // shards
+
+
+def seed_rank(rank: int) -> int:
+    """Reseed torch, numpy and python RNGs with ``base_seed + rank`` and return that seed.
+
+    The base seed is the one given to ``seed_everything`` (``PL_GLOBAL_SEED``), so every rank
+    draws different noise, times and couplings, reproducibly for a given seed.
+    """
+    base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+    seed = base + 1_000_003 * rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return seed

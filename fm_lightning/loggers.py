@@ -1,0 +1,62 @@
+"""Loggers: a W&B logger that keeps global state out of the process."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+
+__all__ = ["WandbLogger", "wandb_has_credentials"]
+
+log = logging.getLogger(__name__)
+
+
+def wandb_has_credentials() -> bool:
+    """True if W&B can log in: ``WANDB_API_KEY`` is set or ``~/.netrc`` has the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` with two changes.
+
+    * ``offline=True`` is passed to ``wandb.init(mode="offline")`` instead of exporting
+      ``WANDB_MODE`` into the process environment, so it cannot leak into later runs or tests.
+      The run is written under ``save_dir`` (``<run dir>/wandb/offline-run-*``); sync it later
+      with ``wandb sync``.
+    * Online logging without credentials (no ``WANDB_API_KEY``, no ``wandb login``) falls
+      back to offline with a warning, so a training run is never lost to a login prompt.
+      ``WANDB_MODE=offline`` or ``disabled`` in the environment is respected as usual.
+
+    Args: as :class:`lightning.pytorch.loggers.WandbLogger` (``project``, ``entity``, ``name``,
+    ``group``, ``tags``, ``offline``, ``log_model``, ``save_dir``, ...).
+    """
+
+    def __init__(self, *args, offline: bool = False, log_model: bool | str = False, **kwargs) -> None:
+        env_mode = os.environ.get("WANDB_MODE", "")
+        if not offline and env_mode not in ("offline", "dryrun", "disabled") and not wandb_has_credentials():
+            log.warning(
+                "W&B has no credentials (set WANDB_API_KEY or run `wandb login`); logging OFFLINE to the run "
+                "directory instead. Sync later with `wandb sync <run dir>/wandb/offline-run-*`."
+            )
+            offline = True
+        if offline and log_model:
+            raise ValueError("logger.wandb.log_model needs an online W&B run; set offline=false or log_model=false")
+        if offline:
+            kwargs["mode"] = "offline"
+        super().__init__(*args, offline=False, log_model=log_model, **kwargs)
+        self.offline_mode = offline
+
+    def finish(self) -> None:
+        """Close this run so that the next run in the process (a sweep) starts a new one."""
+        if self._experiment is not None:
+            self._experiment.finish()
+            self._experiment = None

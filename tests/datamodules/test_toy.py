@@ -1,0 +1,304 @@
+"""Toy distributions: shapes, reproducibility, analytic geometry; points files; ToyDataModule."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.toy import (
+    DISTRIBUTIONS,
+    Checkerboard,
+    Circles,
+    EightGaussians,
+    Gaussian,
+    Moons,
+    Points,
+    Rings,
+    SCurve,
+    SwissRoll,
+    ToyDataModule,
+    TwoSpirals,
+    make_distribution,
+)
+
+NAMES = sorted(n for n in DISTRIBUTIONS if n != "points")
+N = 4000
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_shape_dtype_and_reproducible(name):
+    dist = make_distribution(name)
+    x = dist.sample(N, _gen(1))
+    assert x.shape == (N, 2) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    assert dist.dim == 2
+    assert torch.equal(x, dist.sample(N, _gen(1)))
+    assert not torch.equal(x, dist.sample(N, _gen(2)))
+    assert x.std(0).min() > 0.1  # not collapsed
+
+
+def test_gaussian_dim_and_log_prob():
+    dist = make_distribution("gaussian", dim=5)
+    x = dist.sample(N, _gen())
+    assert x.shape == (N, 5) and dist.is_standard_gaussian
+    torch.testing.assert_close(x.mean(0), torch.zeros(5), rtol=0, atol=0.06)
+    torch.testing.assert_close(x.std(0), torch.ones(5), rtol=0, atol=0.05)
+    for std in (1.0, 2.5):
+        g = Gaussian(dim=5, std=std)
+        y = g.sample(16, _gen(3))
+        ref = torch.distributions.Normal(0.0, std).log_prob(y).sum(1)
+        torch.testing.assert_close(g.log_prob(y), ref, rtol=1e-5, atol=1e-5)
+    assert not Gaussian(dim=2, std=2.0).is_standard_gaussian
+
+
+def test_gaussian_image_shape():
+    x = Gaussian(dim=[1, 3, 3]).sample(7, _gen())
+    assert x.shape == (7, 1, 3, 3)
+
+
+def test_eight_gaussians_geometry():
+    radius = 5.0
+    x = EightGaussians(radius=radius, std=0.0).sample(N, _gen()).double()
+    norms = x.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, radius), rtol=0, atol=1e-5)
+    assert norms.mean().item() == pytest.approx(radius, abs=1e-5)
+    # Centres at angles k * pi/4; all eight are used about equally.
+    k = torch.atan2(x[:, 1], x[:, 0]) / (math.pi / 4)
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-5)
+    counts = torch.bincount(k.round().long() % 8, minlength=8)
+    assert counts.min() > N / 8 * 0.8
+    # With std > 0: each point lies within a few std of its nearest centre; spread per axis = std.
+    y = EightGaussians(radius=radius, std=0.5).sample(N, _gen()).double()
+    angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+    centres = radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    resid = y - centres[torch.cdist(y, centres).argmin(1)]
+    torch.testing.assert_close(resid.std(0), torch.full((2,), 0.5, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+def test_moons_geometry():
+    """Noise-free moons: unit half circles centred at (0, 0) (upper) and (1, 0.5) (lower)."""
+    scale, shift = 3.0, -1.0
+    x = Moons(noise=0.0, scale=scale, shift=shift).sample(N, _gen()).double()
+    p = (x - shift) / scale
+    d_upper = (p - torch.tensor([0.0, 0.0], dtype=torch.float64)).norm(dim=1)
+    d_lower = (p - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1)
+    upper = (d_upper - 1).abs() < 1e-5
+    lower = (d_lower - 1).abs() < 1e-5
+    assert (upper | lower).all()
+    assert (p[upper, 1] >= -1e-6).all() and (p[lower, 1] <= 0.5 + 1e-6).all()
+    assert 0.45 < upper.double().mean().item() < 0.55
+    # Agrees with scikit-learn's make_moons curves.
+    from sklearn.datasets import make_moons
+
+    ref, _ = make_moons(200, noise=0.0)
+    ref = torch.as_tensor(ref)
+    assert torch.cdist(ref, p).min(1).values.max() < 0.05
+
+
+def test_circles_and_rings_radii():
+    x = Circles(noise=0.0, factor=0.5, scale=3.0).sample(N, _gen()).double().norm(dim=1)
+    assert torch.minimum((x - 3.0).abs(), (x - 1.5).abs()).max() < 1e-5
+    r = Rings(noise=0.0, scale=4.0).sample(N, _gen()).double().norm(dim=1)
+    assert (r - r.round()).abs().max() < 1e-5
+    assert set(r.round().long().tolist()) == {1, 2, 3, 4}
+
+
+def test_checkerboard_dark_squares():
+    scale = 2.0
+    x = Checkerboard(scale=scale).sample(N, _gen()) / scale
+    assert (x >= -2).all() and (x < 2).all()
+    cells = torch.floor(x).long()
+    assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
+    assert len({tuple(c) for c in cells.tolist()}) == 8  # all eight dark squares used
+
+
+def test_swissroll_and_scurve_and_spirals_geometry():
+    scale = 4.0
+    x = SwissRoll(noise=0.0, scale=scale).sample(N, _gen()).double()
+    t = x.norm(dim=1) * (4.5 * math.pi / scale)  # |t (cos t, sin t)| = t before normalising
+    assert (t > 1.5 * math.pi - 1e-4).all() and (t < 4.5 * math.pi + 1e-4).all()
+    resid = torch.atan2(x[:, 1], x[:, 0]) - t
+    wrapped = torch.remainder(resid + math.pi, 2 * math.pi) - math.pi
+    assert wrapped.abs().max() < 1e-4
+    s = 2.0
+    y = SCurve(noise=0.0, scale=s).sample(N, _gen()).double() / s
+    d = torch.minimum(
+        (y - torch.tensor([0.0, -1.0], dtype=torch.float64)).norm(dim=1),
+        (y - torch.tensor([0.0, 1.0], dtype=torch.float64)).norm(dim=1),
+    )
+    assert (d - 1).abs().max() < 1e-5
+    z = TwoSpirals(noise=0.0, scale=1.0).sample(N, _gen()).double()
+    r = 3 * z.norm(dim=1)  # |(-cos r, sin r) r| = r, in [0, 3 pi]
+    assert r.max() <= 3 * math.pi + 1e-4
+    # Each point is on one of the two arms: angle of (-x, y)*sign equals r (mod 2 pi).
+    ang = torch.atan2(z[:, 1], -z[:, 0])
+    on_arm = torch.minimum(
+        (torch.remainder(ang - r + math.pi, 2 * math.pi) - math.pi).abs(),
+        (torch.remainder(ang + math.pi - r + math.pi, 2 * math.pi) - math.pi).abs(),
+    )
+    assert on_arm[r > 0.1].max() < 1e-3
+
+
+# ---- points files -------------------------------------------------------------------------
+
+PTS = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.5], [-1.0, 0.25]])
+
+
+def _check_points(dist):
+    assert isinstance(dist, Points) and dist.dim == 2
+    torch.testing.assert_close(dist.data, torch.as_tensor(PTS, dtype=torch.float32))
+    x = dist.sample(200, _gen())
+    assert x.shape == (200, 2) and x.dtype == torch.float32
+    rows = {tuple(r) for r in PTS.astype(np.float32).tolist()}
+    assert {tuple(r) for r in x.tolist()} == rows  # draws only given rows, all of them at n=200
+    assert torch.equal(x, dist.sample(200, _gen()))
+
+
+def test_points_npy(tmp_path):
+    f = tmp_path / "pts.npy"
+    np.save(f, PTS)
+    _check_points(make_distribution(str(f)))
+    _check_points(make_distribution("points", file=str(f)))
+
+
+@pytest.mark.parametrize("key", ["points", "samples", "whatever"])
+def test_points_npz(tmp_path, key):
+    f = tmp_path / "pts.npz"
+    np.savez(f, **{key: PTS})
+    _check_points(make_distribution(str(f)))
+
+
+def test_points_npz_prefers_points_key_and_rejects_ambiguous(tmp_path):
+    f = tmp_path / "two.npz"
+    np.savez(f, points=PTS, other=np.zeros((3, 2)))
+    _check_points(Points(str(f)))
+    g = tmp_path / "ambiguous.npz"
+    np.savez(g, a=PTS, b=PTS)
+    with pytest.raises(ValueError, match="name the points array 'points'"):
+        Points(str(g))
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_points_csv(tmp_path, header):
+    f = tmp_path / "pts.csv"
+    body = "\n".join(",".join(str(v) for v in row) for row in PTS)
+    f.write_text(("x,y\n" if header else "") + body + "\n")
+    _check_points(make_distribution(str(f)))
+
+
+def test_points_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Points(str(tmp_path / "nope.npy"))
+
+
+@pytest.mark.parametrize("arr", [np.arange(5.0), np.zeros((4, 2, 3)), np.zeros((1, 2))], ids=["1d", "3d", "one-row"])
+def test_points_wrong_shape(tmp_path, arr):
+    f = tmp_path / "bad.npy"
+    np.save(f, arr)
+    with pytest.raises(ValueError, match=r"shape \(N, d\)"):
+        Points(str(f))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_points_non_finite(tmp_path, bad):
+    arr = PTS.copy()
+    arr[2, 1] = bad
+    f = tmp_path / "bad.npy"
+    np.save(f, arr)
+    with pytest.raises(ValueError, match="non-finite"):
+        Points(str(f))
+    g = tmp_path / "bad.csv"
+    g.write_text("1,2\n3,nan\n")
+    with pytest.raises(ValueError, match="non-finite"):
+        Points(str(g))
+
+
+def test_points_unknown_extension_and_garbage(tmp_path):
+    f = tmp_path / "pts.txt"
+    f.write_text("1,2\n3,4\n")
+    with pytest.raises(ValueError, match=r"must end in \.npy, \.npz or \.csv"):
+        Points(str(f))
+    g = tmp_path / "garbage.npy"
+    g.write_text("not an npy file")
+    with pytest.raises(ValueError, match="cannot read points file"):
+        Points(str(g))
+
+
+def test_make_distribution_unknown_lists_choices():
+    with pytest.raises(ValueError) as err:
+        make_distribution("banana")
+    msg = str(err.value)
+    assert "banana" in msg
+    for name in DISTRIBUTIONS:
+        assert repr(name) in msg
+
+
+def test_make_distribution_from_dict_and_instance():
+    d = make_distribution({"name": "gaussian", "std": 2.0}, dim=3)
+    assert isinstance(d, Gaussian) and d.std == 2.0 and d.dim == 3
+    inst = Moons()
+    assert make_distribution(inst) is inst
+    with pytest.raises(TypeError, match="bad arguments"):
+        make_distribution("moons", radius=3)
+
+
+# ---- ToyDataModule -------------------------------------------------------------------------
+
+
+def test_datamodule_mismatched_dims_raise(tmp_path):
+    with pytest.raises(ValueError, match="must match"):
+        ToyDataModule(source="gaussian", target="moons", dim=3)
+    f = tmp_path / "three.npy"
+    np.save(f, np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(ValueError, match="must match"):
+        ToyDataModule(source="gaussian", target=str(f), dim=2)
+    dm = ToyDataModule(source="gaussian", target=str(f), dim=3, batch_size=4, steps_per_epoch=2, val_size=8)
+    assert dm.dim == 3
+
+
+def _batches(dm):
+    return list(dm.train_dataloader())
+
+
+def test_train_stream_shapes_reproducible_and_rank_dependent():
+    kw = dict(source="gaussian", target="8gaussians", batch_size=32, steps_per_epoch=3, val_size=50, seed=7)
+    a = _batches(ToyDataModule(**kw))
+    b = _batches(ToyDataModule(**kw))
+    assert len(a) == 3
+    for batch in a:
+        assert set(batch) == {"x0", "x1"}
+        assert batch["x0"].shape == batch["x1"].shape == (32, 2)
+    for u, v in zip(a, b):
+        assert torch.equal(u["x0"], v["x0"]) and torch.equal(u["x1"], v["x1"])
+    assert not torch.equal(a[0]["x0"], a[1]["x0"])  # batches within an epoch differ
+    other_seed = _batches(ToyDataModule(**{**kw, "seed": 8}))
+    assert not torch.equal(a[0]["x0"], other_seed[0]["x0"])
+    dm = ToyDataModule(**kw)
+    dm._train.rank = 1
+    r1 = _batches(dm)
+    for u, v in zip(a, r1):
+        assert not torch.equal(u["x0"], v["x0"]) and not torch.equal(u["x1"], v["x1"])
+    # The next epoch draws new batches.
+    dm0 = ToyDataModule(**kw)
+    e0, e1 = _batches(dm0), _batches(dm0)
+    assert not torch.equal(e0[0]["x0"], e1[0]["x0"])
+
+
+def test_val_loader_covers_fixed_set():
+    dm = ToyDataModule(source="gaussian", target="moons", batch_size=32, steps_per_epoch=1, val_size=70, seed=1)
+    batches = list(dm.val_dataloader())
+    assert [b["x0"].shape[0] for b in batches] == [32, 32, 6]
+    again = list(ToyDataModule(source="gaussian", target="moons", batch_size=32, steps_per_epoch=1, val_size=70,
+                               seed=1).val_dataloader())
+    assert torch.equal(torch.cat([b["x1"] for b in batches]), torch.cat([b["x1"] for b in again]))
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 0}, {"steps_per_epoch": 0}, {"val_size": 0}])
+def test_datamodule_bad_sizes_raise(kw):
+    with pytest.raises(ValueError, match=">= 1"):
+        ToyDataModule(**kw)
