@@ -66,13 +66,17 @@ def _trajectory_figure(traj: Tensor) -> Figure:
     return fig
 
 
-def save_image_grid(images: Tensor, path: str, nrow: int) -> None:
-    """Save images (B, C, H, W) in [-1, 1] as one RGB PNG grid with ``nrow`` images per row."""
+def save_image_grid(images: Tensor, path: str, nrow: int, min_size: int = 32) -> None:
+    """Save images (B, C, H, W) in [-1, 1] as one RGB PNG grid with ``nrow`` images per row;
+    images smaller than ``min_size`` pixels are enlarged (nearest neighbour) to stay visible."""
     from PIL import Image
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=1, normalize=True,
-                     value_range=(-1, 1), pad_value=1.0)
+    images = images.detach().float().cpu().clamp(-1, 1)
+    scale = max(1, math.ceil(min_size / images.shape[-1]))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=nrow, padding=1, normalize=True, value_range=(-1, 1), pad_value=1.0)
     array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     Image.fromarray(array, mode="RGB").save(path)
 

@@ -52,9 +52,9 @@ class FlowMatchingCLI(LightningCLI):
             parser.link_arguments("data", target, compute_fn=compute, apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> FlowMatchingCLI:
+def main(args: list[str] | None = None) -> None:
     """Console entry point ``fm-cli``."""
-    return FlowMatchingCLI(
+    FlowMatchingCLI(
         FlowMatchingModule,
         subclass_mode_data=True,
         save_config_callback=_LoggerSaveConfigCallback,

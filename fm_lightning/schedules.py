@@ -34,7 +34,10 @@ class WarmupCosine(LambdaLR):
         self, optimizer: Optimizer, warmup_steps: int = 0, total_steps: int = 10_000, final_lr_ratio: float = 0.0
     ) -> None:
         if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"WarmupCosine needs 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
+            raise ValueError(
+                f"WarmupCosine needs 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}; "
+                "lower model.lr_scheduler.warmup_steps or raise trainer.max_steps"
+            )
         self.warmup_steps, self.total_steps, self.final_lr_ratio = warmup_steps, total_steps, final_lr_ratio
         super().__init__(optimizer, self.factor)
 

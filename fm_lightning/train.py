@@ -101,7 +101,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         print(f"fm-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    value = metrics.get("val/w2")
+    value = metrics.get(cfg.get("optimized_metric") or "val/w2")
     return value if isinstance(value, float) else None
 
 
