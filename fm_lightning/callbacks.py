@@ -82,15 +82,21 @@ def save_image_grid(images: Tensor, path: str, nrow: int, min_size: int = 32) ->
 
 
 class EMA(EMAWeightAveraging):
-    """Exponential moving average of the weights: Lightning's ``EMAWeightAveraging`` as is, plus
-    a record of which weights the module holds (see :meth:`weights`).
+    """Exponential moving average of the weights, on Lightning's ``EMAWeightAveraging``.
 
-    Lightning's callback swaps the EMA weights into the module for validation
-    (``on_validation_epoch_start`` .. ``on_validation_epoch_end``), copies them into it at the end
-    of fit, and writes them to the checkpoint's ``state_dict`` (raw weights under
-    ``current_model_state``; both restored on resume). What it does not offer is a way for
-    another callback to know which weights are loaded at a given hook, which depends on the
-    callback order; this subclass records it.
+    Lightning's callback keeps the average in an ``AveragedModel``, swaps it into the module for
+    validation, writes it to the checkpoint's ``state_dict`` (raw weights under
+    ``current_model_state``, both restored on resume) and copies it into the module when fit
+    ends. This subclass keeps all of that but the last step, and records which weights the
+    module holds (:attr:`swapped`, :meth:`weights`), because:
+
+    - the copy at fit end destroys the raw weights, and ``ModelCheckpoint(save_last=True)``
+      writes ``last.ckpt`` after it (checkpoint callbacks run last), so that file's
+      ``current_model_state`` held the EMA weights and a resume from it continued training from
+      the average. Here the weights are *swapped* at fit end: the module still ends with the EMA
+      weights, and checkpoints written while swapped keep both sets in their proper places;
+    - sampling callbacks must know which weights are loaded at a given hook, which otherwise
+      depends on the callback order.
 
     Args:
         decay: EMA decay, ``ema = decay*ema + (1 - decay)*w`` after every update.
@@ -116,22 +122,38 @@ class EMA(EMAWeightAveraging):
         )
         self.decay, self.device = decay, device
         self.swapped = False  # the module holds the EMA weights (the average model the raw ones)
-        self.finished = False  # fit ended: the module holds the EMA weights, the raw ones are gone
+        self._swapped_for_validation = False
 
     def _swap_models(self, pl_module: L.LightningModule) -> None:
         super()._swap_models(pl_module)
         self.swapped = not self.swapped
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swapped_for_validation = self._average_model is not None and not self.swapped
+        if self._swapped_for_validation:
+            self._swap_models(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped_for_validation:
+            self._swap_models(pl_module)
+            self._swapped_for_validation = False
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self.finished = True
+        if self._average_model is not None and not self.swapped:
+            self._swap_models(pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self.swapped and "current_model_state" in checkpoint:
+            # The module holds the EMA weights and the average model the raw ones: trade places.
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"], checkpoint["state_dict"]
+            )
 
     @contextlib.contextmanager
     def weights(self, pl_module: L.LightningModule, ema: bool = True) -> Iterator[None]:
         """Within the block, ``pl_module`` holds the EMA (``ema=True``) or raw weights."""
-        if self._average_model is None or self.finished or self.swapped == ema:
-            if self.finished and not ema:
-                rank_zero_warn("fit has ended and the module holds the EMA weights; the raw ones are in the checkpoint")
+        if self._average_model is None or self.swapped == ema:
             yield
             return
         self._swap_models(pl_module)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from .distributed import check_devices
 from .module import FlowMatchingModule
 
 __all__ = ["FlowMatchingCLI", "main"]
@@ -39,6 +40,11 @@ class _LoggerSaveConfigCallback(SaveConfigCallback):
 
 class FlowMatchingCLI(LightningCLI):
     """LightningCLI with the data-model links described in the module docstring."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer", {})
+        check_devices(trainer.get("accelerator"), trainer.get("devices"), trainer.get("precision"))
 
     def add_arguments_to_parser(self, parser) -> None:
         links = {

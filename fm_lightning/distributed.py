@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["per_device_batch_size", "seed_rank"]
+__all__ = ["per_device_batch_size", "seed_rank", "check_devices"]
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
@@ -45,3 +45,29 @@ def seed_rank(rank: int) -> int:
     np.random.seed(seed % 2**32)
     random.seed(seed)
     return seed
+
+
+def check_devices(accelerator: str | None, devices: int | str | list | None, precision: str | int | None) -> None:
+    """Refuse device settings this machine cannot honour, with one message that says what to use.
+
+    * a GPU preset (``accelerator`` gpu/cuda) without visible CUDA GPUs, or asking for more GPUs
+      than are visible;
+    * ``16-mixed`` / ``16-true`` precision on the CPU (Lightning would silently switch to bf16).
+    """
+    accelerator = str(accelerator or "auto").lower()
+    wants_gpu = accelerator in ("gpu", "cuda")
+    uses_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if wants_gpu:
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError(
+                "this trainer preset needs CUDA GPUs but none is visible; use trainer=cpu, or trainer=ddp_cpu "
+                "for two processes on the CPU"
+            )
+        wanted = len(devices) if isinstance(devices, (list, tuple)) else devices
+        if isinstance(wanted, int) and wanted > available:
+            raise ValueError(f"trainer.devices={wanted} but only {available} GPU(s) are visible; lower trainer.devices")
+    if uses_cpu and str(precision) in ("16-mixed", "16", "16-true"):
+        raise ValueError(
+            f"precision={precision} (fp16) is not supported on the CPU; use trainer.precision=bf16-mixed or 32"
+        )

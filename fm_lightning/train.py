@@ -16,9 +16,12 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+
+from .distributed import check_devices
 
 __all__ = ["main", "run", "CONFIG_DIR"]
 
@@ -65,6 +68,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = cfg.paths.output_dir
     _check_output_dir(output_dir, resuming=cfg.get("ckpt_path") is not None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
+    if cfg.get("matmul_precision") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 on Ampere and newer
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
         model = hydra.utils.instantiate(cfg.model)

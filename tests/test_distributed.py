@@ -1,0 +1,147 @@
+"""Distributed semantics on the CPU: ddp_cpu runs, global batch, per-rank noise, gradients, bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import run_cli
+from datamodules.toy import ToyDataModule
+from fm_lightning.distributed import check_devices, per_device_batch_size, seed_rank
+from fm_lightning.flow.couplings import IndependentCoupling
+from fm_lightning.flow.objective import CFMObjective
+from fm_lightning.flow.paths import ICFMPath
+from fm_lightning.module import load_checkpoint
+from fm_lightning.nets import MLP
+from fm_lightning.train import run
+
+
+def test_fm_train_ddp_cpu_leaves_one_run_directory_with_one_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", f"paths.log_dir={runs}", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = list((runs / "train/runs").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert [p.name for p in run_dir.rglob("*.ckpt")] == ["last.ckpt"]
+    for artefact in ["samples.png", "trajectories.png", "metrics.json", "csv/metrics.csv"]:
+        assert len(list(run_dir.glob(artefact))) == 1, artefact
+    assert len(list(run_dir.rglob("metrics.csv"))) == 1 and len(list(run_dir.rglob(".hydra"))) == 1
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 40
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_raises_ends_the_whole_job_promptly_with_an_error(tmp_path, rank):
+    helpers = os.path.join(os.path.dirname(__file__), "helpers")
+    env_path = os.pathsep.join([helpers, os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"], old = env_path, os.environ.get("PYTHONPATH")
+    try:
+        proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", "+callbacks.crash._target_=crash.CrashOnRank",
+                       f"+callbacks.crash.rank={rank}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    finally:
+        os.environ["PYTHONPATH"] = old or ""
+    assert proc.returncode != 0
+    assert f"injected failure on rank {rank}" in proc.stderr
+
+
+@pytest.mark.parametrize(("global_batch", "world", "accum", "per_device"), [(256, 1, 1, 256), (256, 2, 1, 128),
+                                                                            (256, 2, 4, 32), (96, 3, 2, 16)])
+def test_global_batch_arithmetic(global_batch, world, accum, per_device):
+    assert per_device_batch_size(global_batch, world, accum) == per_device
+    assert per_device * world * accum == global_batch
+
+
+@pytest.mark.parametrize(("global_batch", "world", "accum", "message"), [
+    (100, 3, 1, "does not divide across 3 device"), (256, 2, 3, "multiple of 6"), (0, 1, 1, "must be >= 1")])
+def test_global_batch_errors(global_batch, world, accum, message):
+    with pytest.raises(ValueError, match=message):
+        per_device_batch_size(global_batch, world, accum)
+
+
+def test_toy_datamodule_derives_the_per_device_batch_from_the_trainer():
+    class FakeTrainer:
+        global_rank, world_size, accumulate_grad_batches = 1, 2, 2
+
+    dm = ToyDataModule(batch_size=64, steps_per_epoch=2, val_size=8)
+    dm.trainer = FakeTrainer()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x1"].shape == (16, 2)
+    dm = ToyDataModule(batch_size=66, steps_per_epoch=2, val_size=8)
+    dm.trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="does not divide"):
+        dm.setup("fit")
+
+
+def test_device_checks_refuse_what_this_machine_cannot_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA GPUs but none is visible"):
+        check_devices("gpu", -1, "bf16-mixed")
+    with pytest.raises(ValueError, match="not supported on the CPU"):
+        check_devices("cpu", 1, "16-mixed")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        check_devices("gpu", 4, "32")
+    check_devices("cpu", 2, "bf16-mixed")  # fine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PL_GLOBAL_SEED="7")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = MLP(dim=2, width=16, depth=2)
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        objective = CFMObjective(ICFMPath(sigma=0.1), IndependentCoupling())
+        data = torch.Generator().manual_seed(123)
+        x0, x1 = torch.randn(8, 2, generator=data), torch.randn(8, 2, generator=data) + 3
+        shard = slice(rank * 4, (rank + 1) * 4)
+        loss = objective(ddp, x0[shard], x1[shard], generator=torch.Generator().manual_seed(1000 + rank)).loss
+        loss.backward()
+        torch.save({n: p.grad for n, p in net.named_parameters()}, os.path.join(out_dir, f"grad{rank}.pt"))
+        seed_rank(rank)
+        torch.save(torch.randn(5), os.path.join(out_dir, f"noise{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradient_equals_single_process_gradient_and_ranks_draw_different_noise(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    net = MLP(dim=2, width=16, depth=2)
+    objective = CFMObjective(ICFMPath(sigma=0.1), IndependentCoupling())
+    data = torch.Generator().manual_seed(123)
+    x0, x1 = torch.randn(8, 2, generator=data), torch.randn(8, 2, generator=data) + 3
+    # The same global batch and the same noise in one process: the mean loss over both shards.
+    losses = [objective(net, x0[r * 4:(r + 1) * 4], x1[r * 4:(r + 1) * 4],
+                        generator=torch.Generator().manual_seed(1000 + r)).per_sample for r in range(2)]
+    torch.cat(losses).mean().backward()
+    for rank in range(2):
+        ddp_grads = torch.load(tmp_path / f"grad{rank}.pt", weights_only=True)
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)
+    noise = [torch.load(tmp_path / f"noise{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.allclose(noise[0], noise[1])
+    os.environ["PL_GLOBAL_SEED"] = "7"  # reproducible: the same seed and rank give the same noise
+    seed_rank(1)
+    torch.testing.assert_close(torch.randn(5), noise[1])
+
+
+def test_bf16_mixed_on_cpu_trains_with_a_finite_loss_and_samples_in_fp32(tiny_cfg, tmp_path):
+    metrics = run(tiny_cfg("trainer.precision=bf16-mixed"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
+    assert model.sample(num_samples=8, solver="euler", steps=4).x.dtype == torch.float32
