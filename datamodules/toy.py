@@ -361,12 +361,14 @@ class _PairStream(IterableDataset):
         return self.length
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        # Advance the epoch when iteration starts: the trainer stops after len(self) batches
+        # and never resumes a generator past its last item.
+        epoch, start = self.epoch, self.start
+        self.epoch, self.start = epoch + 1, 0
         gen = torch.Generator()
-        start, self.start = self.start, 0
         for k in range(start, self.length):
-            gen.manual_seed(hash((self.seed, self.rank, self.epoch, k)) % (2**63))
+            gen.manual_seed(hash((self.seed, self.rank, epoch, k)) % (2**63))
             yield {"x0": self.source.sample(self.batch_size, gen), "x1": self.target.sample(self.batch_size, gen)}
-        self.epoch += 1
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -419,8 +421,18 @@ class ToyDataModule(L.LightningDataModule):
                 self.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
             )
 
+    def state_dict(self) -> dict[str, int]:
+        """Where the training stream stands: batches consumed per rank (one per step per
+        accumulation), so a resumed run continues at the exact draw."""
+        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+        return {"batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._train.epoch, self._train.start = divmod(int(state["batches_consumed"]), self.steps_per_epoch)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._train, batch_size=None)
+        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
+        return DataLoader(self._train, batch_size=None, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         n, b = self.val_size, self.batch_size

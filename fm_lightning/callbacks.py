@@ -124,6 +124,11 @@ class EMA(EMAWeightAveraging):
         self.swapped = False  # the module holds the EMA weights (the average model the raw ones)
         self._swapped_for_validation = False
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # a fresh average, copied from the module's current weights
+            self.swapped = False
+
     def _swap_models(self, pl_module: L.LightningModule) -> None:
         super()._swap_models(pl_module)
         self.swapped = not self.swapped

@@ -7,9 +7,11 @@ import netrc
 import os
 from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["WandbLogger", "wandb_has_credentials"]
+__all__ = ["CSVLogger", "WandbLogger", "wandb_has_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +62,25 @@ class WandbLogger(_LightningWandbLogger):
         if self._experiment is not None:
             self._experiment.finish()
             self._experiment = None
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Keeps the rows of an existing ``metrics.csv`` (Lightning's writer deletes them)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r") as f:
+                header = f.readline().strip()
+            self.metrics_keys = sorted(k for k in header.split(",") if k)
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger``, but a resumed run appends to ``metrics.csv`` instead of
+    deleting what the interrupted run wrote. Args as :class:`lightning.pytorch.loggers.CSVLogger`."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 from typing import Any, Callable
 
 import lightning as L
@@ -14,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .distributed import seed_rank
+from .reliability import read_checkpoint
 from .flow.objective import CFMObjective
 from .flow.solve import ODESolution, Solver, check_solver, odeint
 from .spec import from_spec, to_spec
@@ -270,20 +270,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", ema: boo
         FileNotFoundError: the path does not exist.
         ValueError: the file is not a readable fm-lightning checkpoint, or is unsafe.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .ckpt file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path!r}: it needs arbitrary Python objects unpickled, which could run code. "
-            f"Only fm-lightning checkpoints (weights_only-safe) are accepted. Details: {str(err).splitlines()[0]}"
-        ) from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path!r} is not an fm-lightning checkpoint (no state_dict / hyper_parameters)")
+    ckpt = read_checkpoint(path, map_location)
     model = FlowMatchingModule(**ckpt["hyper_parameters"])
     raw = ckpt.get("current_model_state")
     model.load_state_dict(ckpt["state_dict"] if ema or raw is None else raw)

@@ -19,9 +19,10 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .distributed import check_devices
+from .reliability import NonFiniteError, find_last_checkpoint, read_checkpoint
 
 __all__ = ["main", "run", "CONFIG_DIR"]
 
@@ -63,10 +64,25 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return metrics
 
 
+def _resolve_resume(cfg: DictConfig) -> str | None:
+    """Validate ``ckpt_path``; ``last`` means the newest run's last.ckpt, resumed in that run's directory."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs"))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(Path(ckpt_path).parents[1])
+        log.info("resuming %s in place", cfg.paths.output_dir)
+    read_checkpoint(ckpt_path)  # refuses missing, foreign or unsafe files before anything starts
+    return str(ckpt_path)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train as configured by ``cfg``; return the final metrics (also saved as metrics.json)."""
+    ckpt_path = _resolve_resume(cfg)
     output_dir = cfg.paths.output_dir
-    _check_output_dir(output_dir, resuming=cfg.get("ckpt_path") is not None)
+    _check_output_dir(output_dir, resuming=ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
     if cfg.get("matmul_precision") and torch.cuda.is_available():
@@ -85,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         for logger in loggers:
             if hasattr(logger, "finish"):
@@ -103,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
         log.error("%s", err)
         print(f"fm-train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -37,15 +37,11 @@ def test_fm_train_ddp_cpu_leaves_one_run_directory_with_one_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_that_raises_ends_the_whole_job_promptly_with_an_error(tmp_path, rank):
+def test_a_rank_that_raises_ends_the_whole_job_promptly_with_an_error(tmp_path, rank, monkeypatch):
     helpers = os.path.join(os.path.dirname(__file__), "helpers")
-    env_path = os.pathsep.join([helpers, os.environ.get("PYTHONPATH", "")])
-    os.environ["PYTHONPATH"], old = env_path, os.environ.get("PYTHONPATH")
-    try:
-        proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", "+callbacks.crash._target_=crash.CrashOnRank",
-                       f"+callbacks.crash.rank={rank}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
-    finally:
-        os.environ["PYTHONPATH"] = old or ""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([helpers, os.environ.get("PYTHONPATH", "")]))
+    proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", "+callbacks.crash._target_=crash.CrashOnRank",
+                   f"+callbacks.crash.rank={rank}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
     assert proc.returncode != 0
     assert f"injected failure on rank {rank}" in proc.stderr
 

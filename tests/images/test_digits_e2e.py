@@ -16,14 +16,14 @@ from image_helpers import trust_cifar10_files, write_cifar10, write_mnist
 
 TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "model.lr_scheduler.warmup_steps=5",
         "callbacks.samples.num_samples=20", "callbacks.samples.steps=5", "callbacks.samples.num_trajectories=3",
-        "model.net.model_channels=16", "logger=csv"]
+        "logger=csv"]
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """``fm-train experiment=digits`` as a user runs it, shrunk to 20 steps."""
     run_dir = tmp_path_factory.mktemp("digits") / "run"
-    proc = run_cli("fm-train", "experiment=digits", *TINY, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    proc = run_cli("fm-train", "experiment=digits", *TINY, "model.net.model_channels=16", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -82,11 +82,11 @@ def test_mnist_experiments_run_on_tiny_idx_files(tmp_path, experiment):
     write_mnist(str(tmp_path / "data"), n_train=24, n_test=8)
     cfg = compose_config(
         [f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
-         *TINY, "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=none"],
+         *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=none"],
         tmp_path / "run",
     )
     metrics = run(cfg)
-    assert metrics["global_step"] == 4 and np.isfinite(metrics["val/loss"])
+    assert metrics["global_step"] == 6 and np.isfinite(metrics["val/loss"])
     model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert model.num_classes == (10 if experiment == "mnist_cond" else 0)
     out = tmp_path / "s.npz"
@@ -98,13 +98,16 @@ def test_mnist_experiments_run_on_tiny_idx_files(tmp_path, experiment):
         assert fm_sample([str(tmp_path / "run/checkpoints/last.ckpt"), "--guidance", "2", "--out", str(out)]) == 2
 
 
-@pytest.mark.parametrize("experiment", ["cifar10_otcfm", "cifar10_icfm", "cifar10_fm"])
+@pytest.mark.parametrize(
+    "experiment",
+    ["cifar10_otcfm", pytest.param("cifar10_icfm", marks=pytest.mark.slow), pytest.param("cifar10_fm", marks=pytest.mark.slow)],
+)
 def test_cifar10_experiments_run_with_both_fids(tmp_path, monkeypatch, experiment):
     trust_cifar10_files(monkeypatch, write_cifar10(str(tmp_path / "data"), n_per_batch=4)["md5"])
-    fid = {"_target_": "image_helpers.TinyExtractor"}
+    fid = "{_target_:image_helpers.TinyExtractor}"
     cfg = compose_config(
         [f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.batch_size=4", "data.num_workers=0",
-         "data.pin_memory=false", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
+         "data.pin_memory=false", *TINY, "trainer.max_steps=6", "trainer.val_check_interval=6",
          "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "model.net.model_channels=32", "logger=none",
          f"callbacks.fid_dopri5.feature={fid}", f"callbacks.fid_euler100.feature={fid}",
          "callbacks.fid_dopri5.num_samples=8", "callbacks.fid_euler100.num_samples=8",

@@ -64,6 +64,24 @@ def test_sampling_uses_the_ema_weights_whatever_the_callback_order(tmp_path, ema
     # The validation loss was computed with the EMA weights too (Lightning swaps them in).
 
 
+def test_last_checkpoint_written_at_fit_end_keeps_both_weight_sets(tmp_path):
+    """ModelCheckpoint(save_last) writes last.ckpt in on_train_end, after the EMA callback's own
+    on_train_end; the raw weights must still be there (Lightning's copy would have lost them)."""
+    ema = EMA(decay=0.8)
+    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    model, _ = _fit(tmp_path, [ema, last], max_steps=10)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any(not torch.allclose(ckpt["state_dict"][k], v) for k, v in ckpt["current_model_state"].items())
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in model.state_dict().items())  # module: EMA
+    with ema.weights(model, ema=False):
+        assert all(torch.equal(ckpt["current_model_state"][k], v) for k, v in model.state_dict().items())
+    # A validation after fit still runs on the EMA weights, and leaves them in place.
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        callbacks=[ema], default_root_dir=tmp_path)
+    trainer.validate(model, ImageDataModule("digits", num_classes=10, batch_size=32, val_fraction=0.1), verbose=False)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in model.state_dict().items())
+
+
 def test_same_samples_in_both_callback_orders(tmp_path):
     runs = []
     for i, ema_first in enumerate([False, True]):
