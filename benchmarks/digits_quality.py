@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from scipy import linalg
 from torch import nn
 
 from datamodules.images import ImageDataModule
@@ -72,8 +71,9 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` in float64."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
+    # Tr((S_a S_b)^(1/2)) from the eigenvalues of S_a S_b (real, >= 0 up to round-off), as torchmetrics does.
+    tr_covmean = np.sqrt(np.linalg.eigvals(s_a @ s_b).astype(complex)).real.sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ defaults. Every (config, task, flow) is trained with the bare loop of ``_common.
 (the composed net, objective, optimizer, schedule and data stream; statistically the same
 training as ``fm-train``, without Lightning's overhead), then evaluated with fixed seeds:
 W2 of 2000 samples vs 2000 fresh target samples, the floor (W2 between two fresh target
-sets) and dopri5 NFE at atol=rtol=1e-4. CPU seconds are this process's (one torch thread),
+sets) and dopri5 NFE at atol=rtol=1e-4, each the mean of 3 draws. CPU seconds are this process's (one torch thread),
 the right proxy for idle-core wall time on a shared machine. Results are appended to
 ``benchmarks/results/sweep.jsonl`` and printed as a Markdown table.
 """

@@ -48,7 +48,8 @@ class Distribution:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items() if k != 'data')})"
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "data" and not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
 
 class Gaussian(Distribution):

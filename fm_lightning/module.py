@@ -213,7 +213,8 @@ class FlowMatchingModule(L.LightningModule):
         self.net.eval()
         try:
             return odeint(
-                velocity, x0, solver or hp.solver, steps or hp.steps, atol or hp.atol, rtol or hp.rtol, num_saves
+                velocity, x0, hp.solver if solver is None else solver, hp.steps if steps is None else steps,
+                hp.atol if atol is None else atol, hp.rtol if rtol is None else rtol, num_saves,
             )
         finally:
             self.net.train(was_training)

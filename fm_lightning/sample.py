@@ -77,7 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.label is not None and not model.num_classes:
             raise ValueError("--class needs a class-conditional checkpoint; this one is unconditional")
         if args.source_file is not None:
-            model.source = Points(args.source_file)
+            source = Points(args.source_file)
+            if source.dim != model.source.dim:
+                raise ValueError(
+                    f"--source-file {args.source_file!r} holds {source.dim}-dimensional points but the model is "
+                    f"{model.source.dim}-dimensional; give a file of shape (N, {model.source.dim})"
+                )
+            model.source = source
         gen = torch.Generator().manual_seed(args.seed)
         x0 = model.source.sample(args.num_samples, gen)
         labels = _labels(args.label, args.num_samples, model.num_classes)

@@ -44,7 +44,10 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def _check_output_dir(output_dir: str, resuming: bool) -> None:
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output directory {out} ({err}); set paths.log_dir (or FM_ROOT) elsewhere")
     if not os.access(out, os.W_OK):
         raise UserError(f"output directory {out} is not writable; set paths.log_dir (or FM_ROOT) to a writable place")
     ckpt_dir = out / "checkpoints"

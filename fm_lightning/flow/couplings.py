@@ -103,7 +103,10 @@ class ExactOTCoupling(Coupling):
     def pair_indices(self, x0, x1, generator):
         cost = squared_cost(x0, x1).cpu().numpy()
         if not np.isfinite(cost).all():
-            raise ValueError("ExactOTCoupling got non-finite samples; check the data and the loss for NaN/inf")
+            # The loss will be non-finite too; the training loop's guard decides what happens.
+            log.warning("ExactOTCoupling got non-finite samples; keeping this batch's pairs as given")
+            ar = torch.arange(x0.shape[0], device=x0.device)
+            return ar, ar
         rows, cols = _assignment(cost, x0[0].numel())
         return torch.as_tensor(rows, device=x0.device), torch.as_tensor(cols, device=x1.device)
 

@@ -1,0 +1,130 @@
+"""The bad-input suite: one table of mistakes, each with the message it must produce.
+
+Every case runs beside an earlier, finished run (same log root) and asserts that none of its
+files changed or disappeared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import compose_config
+from fm_lightning import sample
+from fm_lightning.train import run
+
+FAST = ["debug=fast", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    """A finished run whose files every case must leave intact, plus a few prepared inputs."""
+    root = tmp_path_factory.mktemp("bad_input")
+    run(compose_config(FAST, root / "logs/train/runs/earlier"))
+    np.save(root / "flat.npy", np.zeros(10, dtype=np.float32))
+    np.save(root / "nan.npy", np.full((10, 2), np.nan, dtype=np.float32))
+    np.save(root / "three_d.npy", np.zeros((10, 3), dtype=np.float32))
+    (root / "notes.txt").write_text("not a checkpoint")
+    (root / "a_file").write_text("")
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (root / "pwned", "code ran"))
+
+    with open(root / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {}, "hyper_parameters": Evil()}, f)
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    run_dir = root / "logs/train/runs/earlier"
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def train(*overrides: str, out: str = "logs/train/runs/new"):
+    """A config case: fm-train with these overrides, writing next to the earlier run."""
+    return ("train", list(overrides), out)
+
+
+def fm_sample(*args: str):
+    """A CLI case: fm-sample with these arguments ({root} is the test's input folder)."""
+    return ("sample", list(args), None)
+
+
+EARLIER_CKPT = "{root}/logs/train/runs/earlier/checkpoints/last.ckpt"
+CASES = {
+    # configs: data
+    "unknown dataset": (train("data.target=nope"), "unknown distribution 'nope'"),
+    "missing points file": (train("data.target={root}/missing.npy"), "does not exist"),
+    "points file of wrong shape": (train("data.target={root}/flat.npy"), "shape (N, d)"),
+    "points file with NaN": (train("data.target={root}/nan.npy"), "non-finite"),
+    "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
+    "source and target dims differ": (train("data.dim=3", "data.source=gaussian"), "they must match"),
+    "zero batch size": (train("data.batch_size=0"), "must all be >= 1"),
+    "batch not divisible by accumulation": (train("data.batch_size=255", "trainer.accumulate_grad_batches=2"),
+                                            "does not divide"),
+    # configs: model and flow
+    "Lipman path on a non-Gaussian source": (train("flow=fm"), "assumes a standard Gaussian source"),
+    "SB path with sigma 0": (train("flow=sbcfm", "model.flow.path.sigma=0"), "needs sigma > 0"),
+    "negative ICFM sigma": (train("flow=icfm", "model.flow.path.sigma=-1"), "sigma must be >= 0"),
+    "negative Sinkhorn reg": (train("flow=sbcfm", "model.flow.coupling.reg=-1"), "reg must be > 0"),
+    "logit-normal std 0": (train("flow=rf", "model.flow.time_sampler.std=0"), "std must be > 0"),
+    "unknown activation": (train("model.net.activation=swish"), "unknown activation 'swish'"),
+    "warmup longer than training": (train("model.lr_scheduler.warmup_steps=1000"), "lower model.lr_scheduler"),
+    # solver settings
+    "unknown solver": (train("model.solver=rk45"), "unknown solver 'rk45'"),
+    "zero fixed steps": (train("model.solver=euler", "model.steps=0"), "needs steps >= 1"),
+    "zero tolerance": (train("model.atol=0"), "needs atol > 0"),
+    # trainer and devices
+    "GPU preset without GPUs": (train("trainer=ddp"), "needs CUDA GPUs but none is visible"),
+    "fp16 on the CPU": (train("trainer.precision=16-mixed"), "not supported on the CPU"),
+    # output directories and checkpoints
+    "rerun into a finished run": (train(out="logs/train/runs/earlier"), "already holds checkpoints"),
+    "output below a file": (train(out="a_file/run"), "cannot create output directory"),
+    "resume from a missing checkpoint": (train("ckpt_path={root}/missing.ckpt"), "does not exist"),
+    "resume from a text file": (train("ckpt_path={root}/notes.txt"), "not a readable checkpoint"),
+    "resume from a malicious checkpoint": (train("ckpt_path={root}/evil.ckpt"), "refusing to load"),
+    "resume last with no runs": (train("ckpt_path=last", "task_name=nothing_yet", "paths.log_dir={root}/logs"),
+                                 "no run under"),
+    # fm-sample flags
+    "fm-sample missing checkpoint": (fm_sample("{root}/missing.ckpt"), "does not exist"),
+    "fm-sample malicious checkpoint": (fm_sample("{root}/evil.ckpt"), "refusing to load"),
+    "fm-sample unknown solver": (fm_sample(EARLIER_CKPT, "--solver", "rk45"), "invalid choice: 'rk45'"),
+    "fm-sample zero samples": (fm_sample(EARLIER_CKPT, "--num-samples", "0"), "--num-samples must be >= 1"),
+    "fm-sample zero steps": (fm_sample(EARLIER_CKPT, "--solver", "euler", "--steps", "0"), "needs steps >= 1"),
+    "fm-sample output into a missing folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/no/such/dir/s.npz"),
+                                               "does not exist"),
+    "fm-sample source file of another dimension": (
+        fm_sample(EARLIER_CKPT, "--source-file", "{root}/three_d.npy", "--out", "{root}/s.npz"), "3-dimensional"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsys):
+    (kind, args, out), fragment = CASES[name]
+    args = [a.format(root=earlier) for a in args]
+    before = _snapshot(earlier)
+    if kind == "train":
+        with pytest.raises(Exception) as info:
+            run(compose_config([*FAST, *args], earlier / out))
+        message = str(info.value)
+    else:
+        try:
+            code = sample.main(args)
+        except SystemExit as exit_:  # argparse errors
+            code = exit_.code
+        assert code == 2
+        message = capsys.readouterr().err
+    assert fragment in message, message
+    assert _snapshot(earlier) == before
+    assert not (earlier / "pwned").exists()
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 25
