@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fm_lightning.distributed import per_device_batch_size
+
 __all__ = ["ImageDataModule", "DATASETS", "DigitsDataset"]
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,8 @@ class ImageDataModule(L.LightningDataModule):
             for validation; ``test`` validates on the official test split (torchvision sets).
         val_fraction: share of the training split held out when ``val_split=holdout``; 0 for
             no validation set.
-        batch_size: per-device batch size.
+        batch_size: GLOBAL batch size per optimizer step; each device loads
+            ``batch_size / (world_size * accumulate_grad_batches)`` (see ``setup``).
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory (for GPU training).
         seed: seed of the holdout split.
@@ -178,6 +181,7 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size, self.channels, self.num_classes, self.hflip = image_size, channels, num_classes, hflip
         self.val_split, self.val_fraction, self.batch_size = val_split, val_fraction, batch_size
         self.num_workers, self.pin_memory, self.seed, self.verify_images = num_workers, pin_memory, seed, verify_images
+        self.device_batch_size = batch_size
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self._train_base: Dataset | None = None
@@ -250,6 +254,10 @@ class ImageDataModule(L.LightningDataModule):
             self._torchvision(train=False, download=True)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.device_batch_size = per_device_batch_size(
+                self.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
+            )
         if self.data_train is not None:
             return
         labels = self.num_classes > 0
@@ -268,11 +276,12 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, data: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        batch_size = batch_size or self.device_batch_size
         return DataLoader(
             data,
-            batch_size=batch_size or self.batch_size,
+            batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(data) >= (batch_size or self.batch_size),
+            drop_last=shuffle and len(data) >= batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -299,7 +308,7 @@ class ImageDataModule(L.LightningDataModule):
         data = _Labelled(self._train_base, self.transform(False), self.num_classes > 0)
         n = len(data) if limit is None else min(limit, len(data))
         shard = Subset(data, list(range(rank, n, world_size)))
-        return DataLoader(shard, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(shard, batch_size=batch_size or self.device_batch_size, shuffle=False, num_workers=self.num_workers)
 
     @property
     def reference_name(self) -> str:
