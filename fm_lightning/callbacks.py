@@ -200,7 +200,10 @@ class SampleCallback(L.Callback):
     """Integrates the learned ODE from fixed source points after validation and at fit end.
 
     Logs ``val/nfe`` and, for 2-D data, ``val/w2`` (exact OT against fresh target samples, when
-    the datamodule has a ``target`` distribution). In the run directory
+    the datamodule has a ``target`` distribution) and the straightness of the learned flow:
+    ``val/path_energy`` (``PE = mean int_0^1 ||v(x_t, t)||^2 dt`` from the fixed source points) and
+    ``val/npe`` (``|PE - W2^2| / W2^2``, W2 between the source points and the target samples;
+    Tong et al.). In the run directory
     (``trainer.default_root_dir``) it saves, and hands to the loggers:
 
     - 2-D data: ``samples.png`` and ``trajectories.png`` (``samples/samples``, ``samples/trajectories``);
@@ -222,6 +225,7 @@ class SampleCallback(L.Callback):
         guidance: classifier-free guidance scale for conditional models (default 1).
         num_saves: trajectory points (2-D plot; default 50) or strip frames (images; default 8).
         use_ema: sample with the EMA weights when there are any (else the raw ones).
+        straightness: log ``val/path_energy`` and ``val/npe`` (unconditional 2-D models).
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class SampleCallback(L.Callback):
         guidance: float | None = None,
         num_saves: int | None = None,
         use_ema: bool = True,
+        straightness: bool = True,
     ) -> None:
         if num_samples < 2 or every_n_validations < 1:
             raise ValueError("SampleCallback needs num_samples >= 2 and every_n_validations >= 1")
@@ -246,6 +251,7 @@ class SampleCallback(L.Callback):
         self.every_n_validations, self.seed = every_n_validations, seed
         self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
         self.guidance, self.num_saves, self.use_ema = guidance, num_saves, use_ema
+        self.straightness = straightness
         self._x0: Tensor | None = None
         self._cond: Tensor | None = None
         self._validations = 0
@@ -307,6 +313,20 @@ class SampleCallback(L.Callback):
                            lambda p: save_image_grid(strip, p, traj.shape[0]))
         return metrics
 
+    def _straightness(self, pl_module: Any, target: Tensor) -> dict[str, float]:
+        """``val/path_energy`` of the flow from the fixed source points, and ``val/npe``."""
+        from .flow.likelihood import normalized_path_energy, path_energy
+
+        kwargs = {k: pl_module.hparams[k] if v is None else v for k, v in self.solver_kwargs.items()}
+        was_training = pl_module.net.training
+        pl_module.net.eval()
+        try:
+            energy = path_energy(pl_module.net, self._x0.to(pl_module.device), **kwargs).mean
+        finally:
+            pl_module.net.train(was_training)
+        w2_squared = wasserstein2(self._x0, target) ** 2
+        return {"val/path_energy": energy, "val/npe": normalized_path_energy(energy, w2_squared)}
+
     def _evaluate_points(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
         sol = self._sample(pl_module)
         samples = sol.x.cpu()
@@ -317,6 +337,8 @@ class SampleCallback(L.Callback):
             gen = torch.Generator().manual_seed(self.seed + 1 + trainer.global_step)
             target = target_dist.sample(self.num_samples, gen)
             metrics["val/w2"] = wasserstein2(samples, target)
+            if self.straightness and self._cond is None and samples.dim() == 2:
+                metrics.update(self._straightness(pl_module, target))
         self.last_metrics = metrics
         if trainer.is_global_zero and samples.dim() == 2:
             traj = self._sample(pl_module, self.num_trajectories, num_saves=self.num_saves or 50)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["wasserstein2", "FID", "to_uint8"]
+__all__ = ["wasserstein2", "rbf_mmd2", "FID", "to_uint8"]
 
 
 def wasserstein2(x: Tensor, y: Tensor) -> float:
@@ -22,6 +22,30 @@ def wasserstein2(x: Tensor, y: Tensor) -> float:
     cost = torch.cdist(x, y).square().numpy()
     a, b = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y))
     return float(np.sqrt(max(ot.emd2(a, b, cost, numItermax=10_000_000), 0.0)))
+
+
+def rbf_mmd2(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> float:
+    """Unbiased squared maximum mean discrepancy between (n, d) and (m, d) samples.
+
+    ``MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y)`` with the multi-scale RBF kernel
+    ``k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2))`` over ``bandwidths``; the within-set terms
+    leave out the diagonal (U-statistic), so the estimate is unbiased and may be slightly < 0.
+    """
+    x, y = x.detach().flatten(1).double().cpu(), y.detach().flatten(1).double().cpu()
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"MMD needs equal dimensions, got {x.shape[1]} and {y.shape[1]}")
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("MMD needs at least 2 samples on each side")
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        sq = torch.cdist(a, b).square()
+        return sum(torch.exp(-sq / (2 * s**2)) for s in bandwidths)
+
+    n, m = len(x), len(y)
+    kxx, kyy = kernel(x, x), kernel(y, y)
+    term_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    term_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(term_x + term_y - 2 * kernel(x, y).mean())
 
 
 def to_uint8(images: Tensor) -> Tensor:

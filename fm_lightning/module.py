@@ -51,6 +51,10 @@ class FlowMatchingModule(L.LightningModule):
         atol: default absolute tolerance for adaptive solvers.
         rtol: default relative tolerance for adaptive solvers.
         cond_drop_prob: probability that a training label is replaced by the null class.
+        compile: train through ``torch.compile(net)`` (sampling and checkpoints use the plain net).
+        channels_last: keep image nets and their inputs in channels-last memory format.
+        num_time_bins: validation also logs the mean loss in this many equal bins of ``t``
+            (``val_loss_by_t/...``), where flow matching models differ most.
     """
 
     def __init__(
@@ -66,6 +70,9 @@ class FlowMatchingModule(L.LightningModule):
         atol: float = 1e-4,
         rtol: float = 1e-4,
         cond_drop_prob: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = False,
+        num_time_bins: int = 10,
     ) -> None:
         super().__init__()
         self.net = _build(net)
@@ -100,12 +107,26 @@ class FlowMatchingModule(L.LightningModule):
                 "atol": atol,
                 "rtol": rtol,
                 "cond_drop_prob": cond_drop_prob,
+                "compile": compile,
+                "channels_last": channels_last,
+                "num_time_bins": num_time_bins,
             }
         )
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        object.__setattr__(self, "_train_net", None)  # the compiled net; not a registered submodule
+        self._time_bins = torch.zeros(2, max(num_time_bins, 1))
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit" and self._train_net is None:
+            object.__setattr__(self, "_train_net", torch.compile(self.net))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """Velocity ``v`` (B, *shape) at ``x`` (B, *shape), ``t`` (B,)."""
-        return self.net(x, t, cond) if cond is not None else self.net(x, t)
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._train_net if self.training and self._train_net is not None else self.net
+        return net(x, t, cond) if cond is not None else net(x, t)
 
     def _source_like(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.source.sample(x1.shape[0], generator).to(device=x1.device, dtype=x1.dtype)
@@ -146,7 +167,24 @@ class FlowMatchingModule(L.LightningModule):
         self._check_labels(batch.get("cond"))
         out = self.flow(self, x0, x1, batch.get("cond"), generator=gen)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=x1.shape[0], sync_dist=True)
+        bins = self._time_bins.shape[1]
+        idx = (out.sample.t.detach().float().cpu() * bins).long().clamp(0, bins - 1)
+        self._time_bins[0].index_add_(0, idx, out.per_sample.detach().float().cpu())
+        self._time_bins[1].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
         return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._time_bins.zero_()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the mean validation loss per bin of ``t`` (summed over ranks)."""
+        if not self.hparams.num_time_bins:
+            return
+        sums, counts = self.trainer.strategy.reduce(self._time_bins.to(self.device), reduce_op="sum").cpu()
+        bins = sums.shape[0]
+        for i in range(bins):
+            if counts[i] > 0:
+                self.log(f"val_loss_by_t/t{i / bins:.2f}-{(i + 1) / bins:.2f}", sums[i] / counts[i])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.validation_step(batch, batch_idx)

@@ -90,3 +90,24 @@ def test_a_second_run_never_overwrites_an_earlier_run(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="already holds checkpoints"):
         run(tiny_cfg())
     assert ckpt.read_bytes() == before
+
+
+def test_validation_logs_the_loss_in_ten_bins_of_t(tmp_path):
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["debug=fast"], tmp_path)
+    model, dm = instantiate(cfg.model), instantiate(cfg.data)
+    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm)[0]
+    bins = {k: v for k, v in metrics.items() if k.startswith("val_loss_by_t/")}
+    assert sorted(bins) == [f"val_loss_by_t/t{i / 10:.2f}-{(i + 1) / 10:.2f}" for i in range(10)]
+    # val/loss is the count-weighted mean of the bins, so it lies between them.
+    assert min(bins.values()) <= metrics["val/loss"] <= max(bins.values())
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_checkpoints_load_uncompiled(tiny_cfg, tmp_path):
+    metrics = run(tiny_cfg("model.compile=true", "trainer.max_steps=10"))
+    assert np.isfinite(metrics["train/loss"])
+    model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
+    assert model.hparams.compile and not any("_orig_mod" in k for k in model.state_dict())
