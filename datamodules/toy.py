@@ -25,7 +25,7 @@ from fm_lightning.distributed import per_device_batch_size
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
-    "ToyDataModule",
+    "ToyDataModule", "load_pairs",
 ]
 
 
@@ -349,12 +349,41 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
+def load_pairs(file: str, dim: int) -> tuple[Tensor, Tensor]:
+    """Read fixed ``(x0, x1)`` pairs (e.g. written by reflow) from an ``.npz`` with arrays ``x0``
+    and ``x1`` of shape (N, dim); one clear error for a missing file, missing arrays, shapes that
+    differ or do not match the model's ``dim``, or non-finite values."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if "x0" not in z.files or "x1" not in z.files:
+                raise ValueError(f"pairs file {file!r} must hold arrays 'x0' and 'x1', has {z.files}")
+            x0, x1 = z["x0"], z["x1"]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read pairs file {file!r}: {err}") from err
+    if x0.shape != x1.shape or x0.ndim != 2 or x0.shape[0] < 2:
+        raise ValueError(
+            f"reflow pairs in {file!r} must be x0 and x1 of one shape (N, d) with N >= 2, got {x0.shape} and {x1.shape}"
+        )
+    if x0.shape[1] != dim:
+        raise ValueError(
+            f"reflow pairs in {file!r} are {x0.shape[1]}-dimensional but the model and data are {dim}-dimensional "
+            f"(data.dim={dim}); generate the pairs from a model of this task"
+        )
+    if not (np.isfinite(x0).all() and np.isfinite(x1).all()):
+        raise ValueError(f"pairs file {file!r} contains non-finite values")
+    return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
+
+
 class _PairStream(IterableDataset):
     """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
-    function of ``(seed, rank, e, k)``, so a stream can restart at any batch."""
+    function of ``(seed, rank, e, k)``, so a stream can restart at any batch. With fixed
+    ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together."""
 
-    def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int) -> None:
-        self.source, self.target = source, target
+    def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int,
+                 pairs: tuple[Tensor, Tensor] | None = None) -> None:
+        self.source, self.target, self.pairs = source, target, pairs
         self.batch_size, self.length, self.seed = batch_size, length, seed
         self.rank, self.epoch, self.start = 0, 0, 0
 
@@ -369,6 +398,10 @@ class _PairStream(IterableDataset):
         gen = torch.Generator()
         for k in range(start, self.length):
             gen.manual_seed(hash((self.seed, self.rank, epoch, k)) % (2**63))
+            if self.pairs is not None:
+                idx = torch.randint(0, self.pairs[0].shape[0], (self.batch_size,), generator=gen)
+                yield {"x0": self.pairs[0][idx], "x1": self.pairs[1][idx]}
+                continue
             yield {"x0": self.source.sample(self.batch_size, gen), "x1": self.target.sample(self.batch_size, gen)}
 
 
@@ -384,6 +417,14 @@ class ToyDataModule(L.LightningDataModule):
         steps_per_epoch: training batches per epoch (the stream is infinite in principle).
         val_size: size of the fixed validation set (drawn once from ``seed``).
         seed: base seed; each rank and epoch derive their own stream from it.
+        pairs: an ``.npz`` of fixed ``(x0, x1)`` pairs (arrays ``x0``, ``x1`` of shape (N, dim)),
+            such as reflow writes: training and validation batches draw whole pairs from it
+            instead of independent source and target samples (train it with the independent
+            coupling, ``flow=icfm``). ``source`` stays the model's source and ``target`` the
+            reference of ``val/w2``.
+
+    The target's spec is saved in the checkpoint (``datamodule_hyper_parameters["target"]``), so
+    that ``fm-eval`` finds the data a checkpoint was trained on.
     """
 
     def __init__(
@@ -395,6 +436,7 @@ class ToyDataModule(L.LightningDataModule):
         steps_per_epoch: int = 1000,
         val_size: int = 2000,
         seed: int = 0,
+        pairs: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1 or val_size < 1:
@@ -410,9 +452,28 @@ class ToyDataModule(L.LightningDataModule):
             raise ValueError(f"the data are {self.source.dim}-dimensional but data.dim={dim}; set data.dim={self.source.dim}")
         self.dim = self.source.dim
         self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
-        self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed)
+        self.pairs = None if pairs is None else str(pairs)
+        fixed = None if pairs is None else load_pairs(self.pairs, self.dim)
+        self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed, fixed)
         gen = torch.Generator().manual_seed(seed + 12345)
-        self._val = {"x0": self.source.sample(val_size, gen), "x1": self.target.sample(val_size, gen)}
+        if fixed is None:
+            self._val = {"x0": self.source.sample(val_size, gen), "x1": self.target.sample(val_size, gen)}
+        else:
+            idx = torch.randint(0, fixed[0].shape[0], (val_size,), generator=gen)
+            self._val = {"x0": fixed[0][idx], "x1": fixed[1][idx]}
+        self._save_target_spec()
+
+    def _save_target_spec(self) -> None:
+        """Record the target (as a ``{"class_path", "init_args"}`` spec of primitives) in the
+        checkpoint's datamodule hyperparameters; a custom distribution that cannot be described
+        is left out."""
+        from fm_lightning.spec import to_spec
+
+        try:
+            spec = to_spec(self.target)
+        except TypeError:
+            return
+        self.save_hyperparameters({"target": spec}, logger=False)
 
     def setup(self, stage: str | None = None) -> None:
         """Split the global ``batch_size`` over devices and accumulation steps; seed per rank."""

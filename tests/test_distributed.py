@@ -141,3 +141,35 @@ def test_bf16_mixed_on_cpu_trains_with_a_finite_loss_and_samples_in_fp32(tiny_cf
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert model.sample(num_samples=8, solver="euler", steps=4).x.dtype == torch.float32
+
+
+def _gathered_ot_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from fm_lightning.flow.couplings import ExactOTCoupling
+
+        gen = torch.Generator().manual_seed(rank)
+        x0, x1 = torch.randn(3, 2, generator=gen), torch.randn(3, 2, generator=gen) * 3
+        p0, p1, _ = ExactOTCoupling(global_batch=True)(x0, x1)
+        torch.save({"x0": x0, "x1": x1, "p0": p0, "p1": p1}, os.path.join(out_dir, f"pairs{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_ot_pairs_are_an_optimal_permutation_of_the_global_batch(tmp_path):
+    import itertools
+
+    mp.spawn(_gathered_ot_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"pairs{r}.pt", weights_only=True) for r in range(2)]
+    g0, g1 = torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts])
+    p0, p1 = torch.cat([p["p0"] for p in parts]), torch.cat([p["p1"] for p in parts])
+    # Every global source and target point is used exactly once across the ranks.
+    src = [int((g0 == row).all(1).nonzero()) for row in p0]
+    tgt = [int((g1 == row).all(1).nonzero()) for row in p1]
+    assert sorted(src) == list(range(6)) and sorted(tgt) == list(range(6))
+    # ... and the pairing is the brute-force optimum of the global batch (not two local optima).
+    cost = lambda perm: sum(float((g0[i] - g1[j]).square().sum()) for i, j in zip(range(6), perm))
+    best = min(itertools.permutations(range(6)), key=cost)
+    pairing = dict(zip(src, tgt))
+    assert abs(cost([pairing[i] for i in range(6)]) - cost(best)) < 1e-9

@@ -13,12 +13,20 @@ import logging
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = ["Coupling", "IndependentCoupling", "ExactOTCoupling", "SinkhornOTCoupling", "squared_cost"]
 
 log = logging.getLogger(__name__)
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (B, ...) from every rank in rank order: (world*B, ...)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def squared_cost(x0: Tensor, x1: Tensor) -> Tensor:
@@ -38,11 +46,25 @@ class Coupling:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"couplings need equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}")
+        if getattr(self, "global_batch", False) and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() > 1:
+                return self._pair_global_batch(x0, x1, cond, generator)
         if cond is None:
             i, j = self.pair_indices(x0, x1, generator)
         else:
             i, j = self._pair_within_classes(x0, x1, cond, generator)
         return x0[i], x1[j], None if cond is None else cond[j]
+
+    def _pair_global_batch(self, x0, x1, cond, generator):
+        """Gather every rank's batch, solve the coupling on the global batch (identically on
+        each rank), and keep this rank's share of the pairs: rank ``r`` takes pairs
+        ``r*B ... (r+1)*B - 1``. Per-rank batches must have equal sizes."""
+        rank, b = dist.get_rank(), x0.shape[0]
+        g0, g1 = _all_gather(x0), _all_gather(x1)
+        gc = None if cond is None else _all_gather(cond)
+        i, j = self.pair_indices(g0, g1, generator) if gc is None else self._pair_within_classes(g0, g1, gc, generator)
+        mine = slice(rank * b, (rank + 1) * b)
+        return g0[i[mine]], g1[j[mine]], None if gc is None else gc[j[mine]]
 
     def _pair_within_classes(self, x0, x1, cond, generator):
         """Solve the coupling separately per class; source points are split by position."""
@@ -98,7 +120,17 @@ class ExactOTCoupling(Coupling):
     points (``d <= EMD_MAX_DIM``) are solved with POT's network simplex (``ot.emd``), which is
     faster there; others with the Jonker-Volgenant algorithm
     (``scipy.optimize.linear_sum_assignment``). Both are exact.
+
+    Under DDP each rank solves OT on its own minibatch by default. With ``global_batch=True``
+    the batches of all ranks are gathered, OT is solved on the global batch, and each rank
+    keeps its share of the pairs, which is worth it when per-rank batches are small.
+
+    Args:
+        global_batch: solve on the batch gathered from all ranks (no effect in one process).
     """
+
+    def __init__(self, global_batch: bool = False) -> None:
+        self.global_batch = bool(global_batch)
 
     def pair_indices(self, x0, x1, generator):
         cost = squared_cost(x0, x1).cpu().numpy()
@@ -119,13 +151,15 @@ class SinkhornOTCoupling(Coupling):
             Schrodinger-bridge CFM uses ``reg = 2*sigma**2``; ``None`` lets the objective
             fill that in from its path.
         num_iters: maximum Sinkhorn iterations (log-domain solver).
+        global_batch: solve on the batch gathered from all ranks (see :class:`ExactOTCoupling`).
     """
 
-    def __init__(self, reg: float | None = None, num_iters: int = 1000) -> None:
+    def __init__(self, reg: float | None = None, num_iters: int = 1000, global_batch: bool = False) -> None:
         if reg is not None and not reg > 0:
             raise ValueError(f"SinkhornOTCoupling reg must be > 0, got {reg}")
         self.reg = None if reg is None else float(reg)
         self.num_iters = int(num_iters)
+        self.global_batch = bool(global_batch)
 
     def plan(self, x0: Tensor, x1: Tensor) -> np.ndarray:
         """The entropic OT plan (B0, B1) between uniform weights, in float64."""
