@@ -1,0 +1,615 @@
+"""``fm-eval CKPT``: evaluate a checkpoint; writes ``eval.json`` and ``eval.md`` (and, with
+``--sweep``, the quality-vs-NFE sweep as ``nfe_sweep.csv`` and ``nfe_sweep.png``).
+
+Metrics (keys in the JSON):
+
+- 2-D / point data: ``eval/w2`` (exact OT between generated and fresh target samples),
+  ``eval/mmd2`` (unbiased multi-scale RBF MMD^2), ``eval/nfe``; ``eval/nll`` in nats/dim from the
+  exact divergence (instantaneous change of variables, integrated backwards from data to the
+  source, whose ``log_prob`` must be known) with ``eval/nll_nfe``; and the straightness of the
+  flow, ``eval/path_energy`` and ``eval/npe`` (``|PE - W2^2| / W2^2``, Tong et al.).
+- images: ``eval/fid`` (Inception-v3 features, or an injected extractor, see
+  :class:`~fm_lightning.metrics.FID`) with ``eval/nfe``, and ``eval/bpd`` (bits/dim of uniformly
+  dequantised real images, Hutchinson trace estimator) with ``eval/bpd_nfe``.
+
+The target of a 2-D checkpoint is ``--target`` (a distribution name or a points file, as
+``data.target``), else the one recorded in the checkpoint (``datamodule_hyper_parameters``),
+else ``data.target`` of the run directory's ``.hydra/config.yaml``. Image checkpoints read
+their data from that config (or ``--data-config``).
+
+The NFE sweep (:func:`sweep_grid`): euler with 1, 2, 4, 8, 16, 32, 64 and 100 steps; midpoint
+and rk4 at the same NFE (2 and 4 evaluations per step); dopri5 at atol=rtol in {1e-3, 1e-4, 1e-5}.
+The same sweep runs at the end of training with ``callbacks.samples.nfe_sweep=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalized_path_energy, path_energy
+from .flow.solve import SOLVERS
+from .metrics import rbf_mmd2, wasserstein2
+
+__all__ = [
+    "POINT_METRICS", "IMAGE_METRICS", "SweepSetting", "sweep_grid", "nfe_sweep", "write_sweep",
+    "log_sweep_table", "evaluate_points", "evaluate_images", "evaluate_checkpoint", "main",
+]
+
+log = logging.getLogger(__name__)
+
+#: Metrics by data kind; ``fm-eval`` computes all that apply unless ``--metrics`` names some.
+POINT_METRICS = ("w2", "mmd", "nll")
+IMAGE_METRICS = ("fid", "bpd")
+EULER_STEPS = (1, 2, 4, 8, 16, 32, 64, 100)
+DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
+_LABELS = {"eval/w2": "W2", "eval/mmd2": "RBF-MMD²", "eval/nll": "NLL (nats/dim)", "eval/fid": "FID",
+           "eval/bpd": "bits/dim", "eval/path_energy": "path energy PE", "eval/npe": "NPE",
+           "eval/w2_source_target": "W2(source, target)"}
+
+
+# -- the NFE sweep -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepSetting:
+    """One solver setting of the sweep: a fixed-step solver with ``steps``, or an adaptive one
+    with ``atol = rtol = tol``."""
+
+    solver: str
+    steps: int | None = None
+    tol: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.solver}-{self.steps}" if self.tol is None else f"{self.solver}-{self.tol:g}"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`FlowMatchingModule.sample`."""
+        if self.tol is None:
+            return {"solver": self.solver, "steps": self.steps}
+        return {"solver": self.solver, "atol": self.tol, "rtol": self.tol}
+
+
+def sweep_grid(
+    euler_steps: Sequence[int] = EULER_STEPS, tolerances: Sequence[float] = DOPRI5_TOLERANCES
+) -> list[SweepSetting]:
+    """Euler at ``euler_steps``; midpoint and rk4 at every one of those NFEs they can reach
+    (NFE divisible by 2 and 4); dopri5 at each tolerance."""
+    grid = [SweepSetting("euler", int(n)) for n in euler_steps]
+    for solver, per_step in (("midpoint", 2), ("rk4", 4)):
+        grid += [SweepSetting(solver, int(n) // per_step) for n in euler_steps if n % per_step == 0]
+    grid += [SweepSetting("dopri5", tol=float(tol)) for tol in tolerances]
+    return grid
+
+
+def nfe_sweep(
+    sample: Callable[[SweepSetting], tuple[Tensor, float]],
+    quality: Callable[[Tensor], dict[str, float]],
+    grid: Sequence[SweepSetting] | None = None,
+) -> list[dict[str, Any]]:
+    """Quality versus NFE over ``grid`` (default :func:`sweep_grid`).
+
+    Args:
+        sample: ``sample(setting) -> (x, nfe)``: samples (B, *shape) drawn with that setting
+            from fixed noise, and the NFE per sample.
+        quality: ``quality(x) -> {name: value}``, e.g. ``{"w2": ...}`` or ``{"fid": ...}``.
+        grid: the settings.
+
+    Returns:
+        One row per setting: ``solver``, ``steps``, ``tol``, ``nfe`` and the quality values.
+    """
+    rows = []
+    for setting in grid if grid is not None else sweep_grid():
+        x, nfe = sample(setting)
+        row = {"solver": setting.solver, "steps": setting.steps, "tol": setting.tol, "nfe": float(nfe), **quality(x)}
+        log.info("NFE sweep %s: %s", setting.label, row)
+        rows.append(row)
+    return rows
+
+
+def write_sweep(rows: list[dict[str, Any]], out_dir: str | os.PathLike, metric: str,
+                name: str = "nfe_sweep") -> tuple[str, str]:
+    """Write ``rows`` as ``<name>.csv`` and a plot of ``metric`` against NFE as ``<name>.png``
+    (log NFE axis, one line per solver). Returns the two paths."""
+    from matplotlib.figure import Figure
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, png_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.png")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        pts = sorted((r["nfe"], r[metric], r) for r in rows if r["solver"] == solver and metric in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=solver)
+        if solver not in ("euler", "midpoint", "rk4"):
+            for nfe, value, r in pts:
+                ax.annotate(f"tol {r['tol']:g}", (nfe, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs NFE")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(png_path, bbox_inches="tight")
+    return csv_path, png_path
+
+
+def log_sweep_table(loggers: Sequence[Any], rows: list[dict[str, Any]], key: str = "eval/nfe_sweep") -> None:
+    """Log ``rows`` as a table to every logger that takes tables (W&B)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    for logger in loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(key=key, columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def data_kind(model: Any) -> str:
+    """``points`` for (B, d) data, ``images`` for (B, C, H, W)."""
+    return "images" if model.source.sample(1).dim() == 4 else "points"
+
+
+def _check_metrics(metrics: Sequence[str] | None, kind: str) -> tuple[list[str], bool]:
+    """The metrics to compute, and whether the user named them (then every one must apply)."""
+    allowed = POINT_METRICS if kind == "points" else IMAGE_METRICS
+    if not metrics:
+        return list(allowed), False
+    for name in metrics:
+        if name not in allowed:
+            what = "2-D (point) data" if kind == "points" else "image data"
+            other = "image data" if name in IMAGE_METRICS else "2-D (point) data" if name in POINT_METRICS else None
+            fits = f"it needs {other}" if other else f"it is not a metric ({', '.join(POINT_METRICS + IMAGE_METRICS)})"
+            raise ValueError(
+                f"metric {name!r} does not fit this checkpoint: the model is trained on {what}, and {fits}; "
+                f"choose from {', '.join(allowed)}"
+            )
+    return list(dict.fromkeys(metrics)), True
+
+
+def _density_problem(model: Any) -> str | None:
+    """Why the model's likelihood cannot be computed, or ``None``."""
+    if not callable(getattr(model.source, "log_prob", None)):
+        return (
+            f"likelihood needs a source with a known density (log_prob), but this model's source is "
+            f"{model.source}, whose density is unknown; train with a Gaussian source (data.source=gaussian) "
+            "to get likelihoods"
+        )
+    if model.num_classes:
+        return "likelihood of class-conditional models is not supported; evaluate an unconditional model"
+    return None
+
+
+class _EvalVelocity:
+    """``v(x, t)`` of the model's net (optionally with labels), in eval mode."""
+
+    def __init__(self, model: Any, cond: Tensor | None = None) -> None:
+        self.net, self.cond = model.net, cond
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t) if self.cond is None else self.net(x, t, self.cond)
+
+
+# -- 2-D / point data --------------------------------------------------------------------------
+def evaluate_points(
+    model: Any,
+    target: Any,
+    metrics: Sequence[str] | None = None,
+    num_samples: int = 2000,
+    num_likelihood: int = 1000,
+    seed: int = 0,
+    solver: str | None = None,
+    steps: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    likelihood_tol: float = 1e-5,
+    sweep: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a model on point data against a ``target`` distribution.
+
+    Args:
+        model: a :class:`~fm_lightning.module.FlowMatchingModule` (eval mode).
+        target: a distribution with ``sample(n, generator)``.
+        metrics: subset of :data:`POINT_METRICS`; ``None`` computes all that apply (``nll`` is
+            skipped, with the reason, when the source density is unknown; naming it is an error).
+        num_samples: generated and target samples for W2 / MMD / path energy.
+        num_likelihood: target samples whose NLL is averaged.
+        seed: seed of the source and target draws.
+        solver, steps, atol, rtol: sampling solver (default: the checkpoint's).
+        likelihood_tol: atol = rtol of the dopri5 likelihood integration.
+        sweep: also run the NFE sweep (W2 and MMD at every setting).
+
+    Returns:
+        ``{"metrics": {...}, "skipped": {name: reason}, "sweep": [rows]}``.
+    """
+    names, explicit = _check_metrics(metrics, "points")
+    if model.num_classes:
+        raise ValueError("fm-eval evaluates unconditional 2-D models; this one is class-conditional")
+    problem = _density_problem(model) if "nll" in names else None
+    if problem and explicit:
+        raise ValueError(problem)
+    gen = torch.Generator().manual_seed(seed)
+    x0 = model.source.sample(num_samples, gen)
+    reference = target.sample(num_samples, gen)
+    if reference.shape[1:] != x0.shape[1:]:
+        raise ValueError(
+            f"the target {target} gives points of shape {tuple(reference.shape[1:])} but the model's are "
+            f"{tuple(x0.shape[1:])}; pass a --target of the model's dimension"
+        )
+    kw = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
+    sol = model.sample(x0=x0, **kw)
+    out: dict[str, float] = {"eval/nfe": float(sol.nfe)}
+    skipped: dict[str, str] = {}
+    if "w2" in names:
+        out["eval/w2"] = wasserstein2(sol.x, reference)
+    if "mmd" in names:
+        out["eval/mmd2"] = rbf_mmd2(sol.x, reference)
+    hp = model.hparams
+    solver_kw = {k: hp[k] if v is None else v for k, v in kw.items()}
+    pe = path_energy(_EvalVelocity(model), x0.to(model.device), **solver_kw).mean
+    w2_st = wasserstein2(x0, reference)
+    out.update({"eval/path_energy": pe, "eval/w2_source_target": w2_st,
+                "eval/npe": normalized_path_energy(pe, w2_st**2)})
+    if "nll" in names:
+        if problem:
+            skipped["nll"] = problem
+        else:
+            x1 = target.sample(num_likelihood, gen).to(model.device)
+            res = log_likelihood(_EvalVelocity(model), x1, model.source.log_prob, solver="dopri5",
+                                 atol=likelihood_tol, rtol=likelihood_tol, divergence="exact")
+            out["eval/nll"] = float(-res.log_prob.mean()) / x1[0].numel()
+            out["eval/nll_nfe"] = float(res.nfe)
+    rows = []
+    if sweep:
+        def sample(setting: SweepSetting) -> tuple[Tensor, float]:
+            s = model.sample(x0=x0, **setting.kwargs())
+            return s.x, float(s.nfe)
+
+        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, reference), "mmd2": rbf_mmd2(x, reference)})
+    return {"metrics": out, "skipped": skipped, "sweep": rows}
+
+
+# -- images ------------------------------------------------------------------------------------
+def _fixed_labels(model: Any, n: int) -> Tensor | None:
+    return torch.arange(n) % model.num_classes if model.num_classes else None
+
+
+def evaluate_images(
+    model: Any,
+    datamodule: Any,
+    metrics: Sequence[str] | None = None,
+    num_samples: int = 10_000,
+    num_likelihood: int = 1000,
+    batch_size: int = 250,
+    seed: int = 0,
+    solver: str | None = None,
+    steps: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    guidance: float | None = None,
+    fid_feature: int | torch.nn.Module = 2048,
+    fid_weights: str | None = None,
+    fid_reference: str | None = None,
+    num_reference: int | None = None,
+    likelihood_tol: float = 1e-5,
+    sweep: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an image model: FID of generated images, bits/dim of real ones.
+
+    Args:
+        model: a :class:`~fm_lightning.module.FlowMatchingModule` on images (eval mode).
+        datamodule: an image datamodule with ``reference_dataloader`` (real images in [-1, 1]).
+        metrics: subset of :data:`IMAGE_METRICS` (``None``: all that apply).
+        num_samples: generated images for FID.
+        num_likelihood: real images whose bits/dim are averaged.
+        batch_size: images integrated at once.
+        seed: seed of the noise, the dequantisation and the Hutchinson probes.
+        solver, steps, atol, rtol: sampling solver (default: the checkpoint's).
+        guidance: classifier-free guidance scale (conditional models, balanced labels).
+        fid_feature: 2048 for Inception-v3, or an injected ``nn.Module`` extractor.
+        fid_weights: local Inception weights file.
+        fid_reference: ``.npz`` of reference statistics (``mu``, ``sigma``); computed from the
+            datamodule's reference images when not given (and cached there if it is a new path).
+        num_reference: use only the first n reference images.
+        likelihood_tol: atol = rtol of the dopri5 likelihood integration.
+        sweep: also run the NFE sweep (FID at every setting; costly).
+    """
+    from .metrics import FID
+
+    names, explicit = _check_metrics(metrics, "images")
+    out: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    kw = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
+    fid = None
+    if "fid" in names or sweep:
+        fid = FID(fid_feature, fid_weights).to(model.device)
+        source = getattr(datamodule, "reference_name", None)
+        if fid_reference and os.path.isfile(fid_reference):
+            fid.load_reference(fid_reference, source)
+        else:
+            for batch in datamodule.reference_dataloader(batch_size=batch_size, limit=num_reference):
+                fid.update(batch["x1"], real=True)
+            if fid_reference:
+                fid.save_reference(fid_reference, source or type(datamodule).__name__)
+
+    def generate(setting_kw: dict[str, Any]) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(seed)
+        labels = _fixed_labels(model, num_samples)
+        nfes = []
+        for chunk in torch.arange(num_samples).split(batch_size):
+            x0 = model.source.sample(len(chunk), gen)
+            cond = None if labels is None else labels[chunk]
+            sol = model.sample(x0=x0, cond=cond, guidance=guidance if cond is not None else None, **setting_kw)
+            fid.update(sol.x, real=False)
+            nfes.append(sol.nfe)
+        return fid.compute(), sum(nfes) / len(nfes)
+
+    if "fid" in names:
+        out["eval/fid"], out["eval/nfe"] = generate(kw)
+    if "bpd" in names:
+        problem = _density_problem(model) if not model.num_classes else None
+        if problem and explicit:
+            raise ValueError(problem)
+        if problem:
+            skipped["bpd"] = problem
+        else:
+            gen = torch.Generator().manual_seed(seed + 1)
+            bpds, nfes, seen = [], [], 0
+            for batch in datamodule.reference_dataloader(batch_size=batch_size):
+                x = batch["x1"][: num_likelihood - seen]
+                cond = batch.get("cond")
+                cond = None if cond is None or not model.num_classes else cond[: len(x)].to(model.device)
+                y = dequantize(x, gen).to(model.device)
+                res = log_likelihood(_EvalVelocity(model, cond), y, model.source.log_prob, solver="dopri5",
+                                     atol=likelihood_tol, rtol=likelihood_tol, divergence="hutchinson", generator=gen)
+                bpds.append(bits_per_dim(res.log_prob, y[0].numel()).cpu())
+                nfes.append(res.nfe)
+                seen += len(x)
+                if seen >= num_likelihood:
+                    break
+            out["eval/bpd"] = float(torch.cat(bpds).mean())
+            out["eval/bpd_nfe"] = float(sum(nfes) / len(nfes))
+    if sweep:
+        def sample(setting: SweepSetting) -> tuple[Tensor, float]:
+            value, nfe = generate(setting.kwargs())
+            return torch.tensor(value), nfe
+
+        rows = nfe_sweep(sample, lambda value: {"fid": float(value)})
+    return {"metrics": out, "skipped": skipped, "sweep": rows}
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _run_config(ckpt: Path, data_config: str | None) -> Any:
+    """The ``data`` node of ``--data-config`` or of the run directory's ``.hydra/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    path = Path(data_config) if data_config else ckpt.resolve().parents[1] / ".hydra" / "config.yaml"
+    if data_config and not path.is_file():
+        raise FileNotFoundError(f"--data-config {data_config!r} does not exist")
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.load(path)
+    if cfg.get("data") is None:
+        return None
+    try:  # resolve ${seed}, ${paths...} against the whole run config
+        return OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    except Exception as err:  # noqa: BLE001 - e.g. a ${hydra:...} resolver outside a Hydra run
+        raise ValueError(f"cannot resolve the data config of {str(path)!r}: {err}") from err
+
+
+def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
+    from datamodules.toy import make_distribution
+
+    from .spec import from_spec
+
+    dim = int(model.source.sample(1).shape[1])
+    if target is not None:
+        return make_distribution(target, dim=dim)
+    recorded = (ckpt_dict.get("datamodule_hyper_parameters") or {}).get("target")
+    if recorded is not None:
+        try:
+            return from_spec(recorded)
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            raise ValueError(f"cannot rebuild the target recorded in the checkpoint ({err}); pass --target") from err
+    data = _run_config(ckpt, data_config)
+    if data is not None and "target" in data:
+        return make_distribution(data.target, dim=dim)
+    raise ValueError(
+        "this checkpoint does not record its target distribution and there is no run config beside it; "
+        "pass --target NAME (e.g. moons) or --target FILE.npy"
+    )
+
+
+def _datamodule_of(ckpt: Path, data_config: str | None) -> Any:
+    import hydra
+
+    data = _run_config(ckpt, data_config)
+    if data is None:
+        raise ValueError(
+            "image evaluation needs the training data; put the checkpoint in its fm-train run directory "
+            "(with .hydra/config.yaml) or pass --data-config <run>/.hydra/config.yaml"
+        )
+    datamodule = hydra.utils.instantiate(data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+_IMAGE_ONLY = ("batch_size", "guidance", "fid_feature", "fid_weights", "fid_reference", "num_reference")
+
+
+def _default_out(ckpt: Path) -> Path:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / "eval"
+
+
+def evaluate_checkpoint(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    metrics: Sequence[str] | None = None,
+    target: str | None = None,
+    data_config: str | None = None,
+    ema: bool = True,
+    device: str = "cpu",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint and write ``eval.json``, ``eval.md`` (and the sweep files).
+
+    Args:
+        ckpt: checkpoint path.
+        out_dir: output folder (default: ``<run>/eval`` beside ``<run>/checkpoints``).
+        metrics: names from :data:`POINT_METRICS` or :data:`IMAGE_METRICS` (``None``: all that apply).
+        target: 2-D target (distribution name or points file); default: the recorded one.
+        data_config: a run's ``.hydra/config.yaml`` whose ``data`` node builds the image data.
+        ema: use the EMA weights when the checkpoint has them.
+        device: torch device.
+        **kwargs: passed to :func:`evaluate_points` or :func:`evaluate_images`.
+
+    Returns:
+        The report written to ``eval.json``.
+    """
+    from .module import load_checkpoint
+    from .reliability import read_checkpoint
+
+    ckpt = Path(ckpt)
+    image_only = {k: kwargs.pop(k) for k in _IMAGE_ONLY if k in kwargs}
+    if metrics:
+        unknown = [m for m in metrics if m not in POINT_METRICS + IMAGE_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(POINT_METRICS + IMAGE_METRICS)}")
+    model = load_checkpoint(ckpt, map_location=device, ema=ema)
+    kind = data_kind(model)
+    _check_metrics(metrics, kind)  # a metric of the wrong kind fails before any work
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "weights": "ema" if ema else "raw", "kind": kind,
+                              "source": repr(model.source), "seed": kwargs.get("seed", 0)}
+    hp = model.hparams
+    report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k] for k in ("solver", "steps", "atol", "rtol")}
+    if kind == "points":
+        given = [k for k, v in image_only.items() if v is not None and k != "batch_size"]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to image checkpoints only; this one is 2-D")
+        dist = _target_of(read_checkpoint(ckpt, "cpu"), ckpt, model, target, data_config)
+        report["target"] = repr(dist)
+        result = evaluate_points(model, dist, metrics, **kwargs)
+    else:
+        datamodule = _datamodule_of(ckpt, data_config)
+        report["data"] = getattr(datamodule, "reference_name", type(datamodule).__name__)
+        result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs)
+    report.update(result)
+    out = Path(out_dir) if out_dir is not None else _default_out(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    if result["sweep"]:
+        metric = "w2" if kind == "points" else "fid"
+        csv_path, png_path = write_sweep(result["sweep"], out, metric)
+        report["sweep_files"] = {"csv": csv_path, "png": png_path}
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    (out / "eval.md").write_text(markdown(report))
+    report["files"] = {"json": str(out / "eval.json"), "markdown": str(out / "eval.md")}
+    return report
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A Markdown summary of an :func:`evaluate_checkpoint` report."""
+    m = report["metrics"]
+    s = report["sampling"]
+    tol = f"steps={s['steps']}" if s["solver"] in ("euler", "midpoint", "rk4") else f"atol={s['atol']:g}, rtol={s['rtol']:g}"
+    lines = [f"# fm-eval: `{report['checkpoint']}`", "",
+             f"- data: {report['kind']}; source {report['source']}; "
+             + (f"target {report['target']}" if "target" in report else f"images {report.get('data')}"),
+             f"- weights: {report['weights']}; sampling: {s['solver']} ({tol}); seed {report['seed']}", "",
+             "| metric | value | NFE |", "| --- | --- | --- |"]
+    nfe_of = {"eval/nll": "eval/nll_nfe", "eval/bpd": "eval/bpd_nfe"}
+    for key in ("eval/w2", "eval/mmd2", "eval/fid", "eval/nll", "eval/bpd", "eval/path_energy", "eval/npe",
+                "eval/w2_source_target"):
+        if key in m:
+            nfe = m.get(nfe_of.get(key, "eval/nfe")) if key not in ("eval/w2_source_target",) else None
+            lines.append(f"| {_LABELS[key]} | {_num(m[key])} | {_num(nfe)} |")
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"\n*{name} skipped:* {reason}")
+    if report.get("sweep"):
+        rows = report["sweep"]
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        lines += ["", "## Quality vs NFE", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        lines += ["| " + " | ".join(_num(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -- the command line --------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fm-eval", description="Evaluate a trained fm-lightning checkpoint.")
+    p.add_argument("ckpt", help="path of a .ckpt file written by fm-train or fm-cli")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated subset of {','.join(POINT_METRICS)} (2-D) or {','.join(IMAGE_METRICS)} "
+                        "(images); default: all that apply")
+    p.add_argument("--target", default=None, help="2-D target: a distribution name or a points file (default: recorded)")
+    p.add_argument("--data-config", default=None, help="images: a run's .hydra/config.yaml (default: the checkpoint's run)")
+    p.add_argument("--num-samples", type=int, default=None, help="generated samples (default 2000 points, 10000 images)")
+    p.add_argument("--num-likelihood", type=int, default=1000, help="data points whose NLL / bits/dim are averaged")
+    p.add_argument("--likelihood-tol", type=float, default=1e-5, help="dopri5 atol=rtol of the likelihood ODE")
+    p.add_argument("--sweep", action="store_true", help="also run the quality-vs-NFE sweep (CSV + PNG)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="sampling solver (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="steps for euler/midpoint/rk4")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance for dopri5/tsit5")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance for dopri5/tsit5")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    p.add_argument("--batch-size", type=int, default=250, help="images integrated at once")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (conditional image models)")
+    p.add_argument("--fid-weights", default=None, help="local Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-reference", default=None, help=".npz of FID reference statistics (read, or written if new)")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA ones")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``fm-eval``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        for name, value, least in (("--num-samples", args.num_samples, 2), ("--num-likelihood", args.num_likelihood, 1),
+                                   ("--batch-size", args.batch_size, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        kwargs: dict[str, Any] = {"num_likelihood": args.num_likelihood, "seed": args.seed, "solver": args.solver,
+                                  "steps": args.steps, "atol": args.atol, "rtol": args.rtol,
+                                  "likelihood_tol": args.likelihood_tol, "sweep": args.sweep,
+                                  "batch_size": args.batch_size, "guidance": args.guidance,
+                                  "fid_weights": args.fid_weights, "fid_reference": args.fid_reference}
+        if args.num_samples is not None:
+            kwargs["num_samples"] = args.num_samples
+        report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, data_config=args.data_config,
+                                     ema=not args.raw_weights, device=args.device, **kwargs)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+        print(f"fm-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"wrote {report['files']['json']} and {report['files']['markdown']}")
+    if "sweep_files" in report:
+        print(f"wrote {report['sweep_files']['csv']} and {report['sweep_files']['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
