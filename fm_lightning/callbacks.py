@@ -1,7 +1,8 @@
 """Callbacks: sample the learned ODE during training, plot it and log quality metrics.
 
-- :class:`EMA`: Lightning's ``EMAWeightAveraging``, plus a record of which weights the module
-  holds, so that the sampling callbacks can use the EMA weights whatever the callback order.
+- :class:`EMA`: Lightning's ``EMAWeightAveraging``, changed to keep the raw weights when fit
+  ends and to record which weights the module holds, so that sampling callbacks use the EMA
+  weights whatever the callback order.
 - :class:`SampleCallback`: 2-D scatter/trajectory plots and W2, or image grids and x_t strips.
 - :class:`FIDCallback`: FID of generated images against cached reference statistics.
 """
@@ -226,6 +227,11 @@ class SampleCallback(L.Callback):
         num_saves: trajectory points (2-D plot; default 50) or strip frames (images; default 8).
         use_ema: sample with the EMA weights when there are any (else the raw ones).
         straightness: log ``val/path_energy`` and ``val/npe`` (unconditional 2-D models).
+        nfe_sweep: when fit ends, sweep quality (W2) against NFE over euler / midpoint / rk4 /
+            dopri5 settings (:func:`fm_lightning.evaluate.sweep_grid`) from the fixed source points;
+            writes ``nfe_sweep.csv`` and ``nfe_sweep.png`` into the run directory and logs the
+            plot and a table (``samples/nfe_sweep``; W&B). Unconditional point data only; image
+            models are swept by ``fm-eval --sweep``.
     """
 
     def __init__(
@@ -242,6 +248,7 @@ class SampleCallback(L.Callback):
         num_saves: int | None = None,
         use_ema: bool = True,
         straightness: bool = True,
+        nfe_sweep: bool = False,
     ) -> None:
         if num_samples < 2 or every_n_validations < 1:
             raise ValueError("SampleCallback needs num_samples >= 2 and every_n_validations >= 1")
@@ -251,7 +258,7 @@ class SampleCallback(L.Callback):
         self.every_n_validations, self.seed = every_n_validations, seed
         self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
         self.guidance, self.num_saves, self.use_ema = guidance, num_saves, use_ema
-        self.straightness = straightness
+        self.straightness, self.nfe_sweep = straightness, nfe_sweep
         self._x0: Tensor | None = None
         self._cond: Tensor | None = None
         self._validations = 0
@@ -276,6 +283,32 @@ class SampleCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if self.nfe_sweep:
+            self._nfe_sweep(trainer, pl_module)
+
+    @torch.no_grad()
+    def _nfe_sweep(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Quality (W2) vs NFE at fit end; see the ``nfe_sweep`` argument."""
+        from .evaluate import log_sweep_table, nfe_sweep, write_sweep
+
+        target_dist = getattr(trainer.datamodule, "target", None)
+        if self._x0.dim() != 2 or target_dist is None or self._cond is not None:
+            rank_zero_warn("SampleCallback(nfe_sweep=True) needs unconditional point data with a target "
+                           "distribution; skipping the sweep (use fm-eval --sweep for images)")
+            return
+        if not trainer.is_global_zero:
+            return
+        target = target_dist.sample(self.num_samples, torch.Generator().manual_seed(self.seed + 1))
+
+        def sample(setting: Any) -> tuple[Tensor, float]:
+            sol = pl_module.sample(x0=self._x0, **setting.kwargs())
+            return sol.x.cpu(), float(sol.nfe)
+
+        with model_weights(trainer, pl_module, self.use_ema):
+            rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, target)})
+        _, png = write_sweep(rows, trainer.default_root_dir, "w2")
+        log_image(trainer, "samples/nfe_sweep", png)
+        log_sweep_table(trainer.loggers, rows, key="samples/nfe_sweep")
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:

@@ -133,11 +133,13 @@ def write_sweep(rows: list[dict[str, Any]], out_dir: str | os.PathLike, metric: 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     for solver in dict.fromkeys(r["solver"] for r in rows):
-        pts = sorted((r["nfe"], r[metric], r) for r in rows if r["solver"] == solver and metric in r)
+        pts = sorted(((r["nfe"], r[metric], r) for r in rows if r["solver"] == solver and metric in r),
+                     key=lambda p: (p[0], p[1]))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=solver)
         if solver not in ("euler", "midpoint", "rk4"):
-            for nfe, value, r in pts:
-                ax.annotate(f"tol {r['tol']:g}", (nfe, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            for i, (nfe, value, r) in enumerate(pts):
+                ax.annotate(f"tol {r['tol']:g}", (nfe, value), textcoords="offset points", xytext=(4, 4 + 9 * i),
+                            fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel(metric)
@@ -464,6 +466,7 @@ def evaluate_checkpoint(
     data_config: str | None = None,
     ema: bool = True,
     device: str = "cpu",
+    wandb_project: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and write ``eval.json``, ``eval.md`` (and the sweep files).
@@ -476,6 +479,8 @@ def evaluate_checkpoint(
         data_config: a run's ``.hydra/config.yaml`` whose ``data`` node builds the image data.
         ema: use the EMA weights when the checkpoint has them.
         device: torch device.
+        wandb_project: also log the metrics, the sweep table (``eval/nfe_sweep``) and its plot
+            to a W&B run of this project (offline under ``out_dir/wandb`` without credentials).
         **kwargs: passed to :func:`evaluate_points` or :func:`evaluate_images`.
 
     Returns:
@@ -515,10 +520,28 @@ def evaluate_checkpoint(
         metric = "w2" if kind == "points" else "fid"
         csv_path, png_path = write_sweep(result["sweep"], out, metric)
         report["sweep_files"] = {"csv": csv_path, "png": png_path}
+    if wandb_project:
+        _log_to_wandb(wandb_project, out, ckpt, report)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(markdown(report))
     report["files"] = {"json": str(out / "eval.json"), "markdown": str(out / "eval.md")}
     return report
+
+
+def _log_to_wandb(project: str, out: Path, ckpt: Path, report: dict[str, Any]) -> None:
+    from .loggers import WandbLogger
+
+    logger = WandbLogger(project=project, save_dir=str(out), name=f"eval-{ckpt.parent.parent.name}-{ckpt.stem}",
+                         job_type="eval")
+    try:
+        logger.log_hyperparams({k: report[k] for k in ("checkpoint", "weights", "kind", "sampling")})
+        logger.log_metrics(report["metrics"])
+        if report["sweep"]:
+            log_sweep_table([logger], report["sweep"])
+            logger.log_image(key="eval/nfe_sweep_plot", images=[report["sweep_files"]["png"]])
+        report["wandb_dir"] = str(logger.experiment.dir)
+    finally:
+        logger.finish()
 
 
 def _num(value: Any) -> str:
@@ -579,6 +602,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-weights", default=None, help="local Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--fid-reference", default=None, help=".npz of FID reference statistics (read, or written if new)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA ones")
+    p.add_argument("--wandb-project", default=None, help="also log metrics and the sweep table to this W&B project")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p
 
@@ -600,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_samples is not None:
             kwargs["num_samples"] = args.num_samples
         report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, data_config=args.data_config,
-                                     ema=not args.raw_weights, device=args.device, **kwargs)
+                                     ema=not args.raw_weights, device=args.device,
+                                     wandb_project=args.wandb_project, **kwargs)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
         print(f"fm-eval: error: {err}", file=sys.stderr)
         return 2

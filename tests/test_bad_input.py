@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import compose_config
-from fm_lightning import sample
+from fm_lightning import evaluate, sample
 from fm_lightning.train import run
 
 FAST = ["debug=fast", "logger=none"]
@@ -29,6 +29,8 @@ def earlier(tmp_path_factory):
     np.save(root / "flat.npy", np.zeros(10, dtype=np.float32))
     np.save(root / "nan.npy", np.full((10, 2), np.nan, dtype=np.float32))
     np.save(root / "three_d.npy", np.zeros((10, 3), dtype=np.float32))
+    np.savez(root / "pairs_3d.npz", x0=np.zeros((10, 3), np.float32), x1=np.zeros((10, 3), np.float32))
+    np.savez(root / "pairs_ragged.npz", x0=np.zeros((10, 2), np.float32), x1=np.zeros((8, 2), np.float32))
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "a_file").write_text("")
 
@@ -50,6 +52,11 @@ def _snapshot(root: Path) -> dict[str, str]:
 def train(*overrides: str, out: str = "logs/train/runs/new"):
     """A config case: fm-train with these overrides, writing next to the earlier run."""
     return ("train", list(overrides), out)
+
+
+def fm_eval(*args: str):
+    """A CLI case: fm-eval with these arguments."""
+    return ("eval", list(args), None)
 
 
 def fm_sample(*args: str):
@@ -102,6 +109,13 @@ CASES = {
                                                "does not exist"),
     "fm-sample source file of another dimension": (
         fm_sample(EARLIER_CKPT, "--source-file", "{root}/three_d.npy", "--out", "{root}/s.npz"), "3-dimensional"),
+    # fm-eval and reflow (the earlier run maps 8gaussians -> moons: 2-D, source density unknown)
+    "fm-eval FID of a 2-D model": (fm_eval(EARLIER_CKPT, "--metrics", "fid", "--out", "{root}/eval"),
+                                   "metric 'fid' does not fit this checkpoint"),
+    "fm-eval likelihood without a source density": (fm_eval(EARLIER_CKPT, "--metrics", "nll", "--out", "{root}/eval"),
+                                                    "needs a source with a known density"),
+    "reflow pairs of another dimension": (train("+data.pairs={root}/pairs_3d.npz"), "are 3-dimensional"),
+    "reflow pairs of unequal shapes": (train("+data.pairs={root}/pairs_ragged.npz"), "of one shape"),
 }
 
 
@@ -116,7 +130,7 @@ def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsy
         message = str(info.value)
     else:
         try:
-            code = sample.main(args)
+            code = (sample.main if kind == "sample" else evaluate.main)(args)
         except SystemExit as exit_:  # argparse errors
             code = exit_.code
         assert code == 2

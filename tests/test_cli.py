@@ -13,6 +13,7 @@ from fm_lightning.cli import FlowMatchingCLI
 from fm_lightning.module import FlowMatchingModule, load_checkpoint
 
 TOY = str(REPO / "configs/cli/toy.yaml")
+DIGITS = str(REPO / "configs/cli/digits.yaml")
 TINY = ["--trainer.max_steps=20", "--trainer.val_check_interval=10", "--data.init_args.steps_per_epoch=10",
         "--data.init_args.val_size=64", "--model.lr_scheduler.init_args.total_steps=20",
         "--model.lr_scheduler.init_args.warmup_steps=2"]
@@ -22,9 +23,11 @@ def _cli(*args: str) -> FlowMatchingCLI:
     return FlowMatchingCLI(FlowMatchingModule, subclass_mode_data=True, run=False, args=list(args))
 
 
-def test_parity_same_experiment_gives_equal_hyperparameters(tmp_path):
-    cli_model = _cli("--config", TOY).model
-    hydra_model = hydra.utils.instantiate(compose_config([], tmp_path).model)
+@pytest.mark.parametrize(("cli_config", "hydra_overrides"), [(TOY, []), (DIGITS, ["experiment=digits"])],
+                         ids=["toy", "digits"])
+def test_parity_same_experiment_gives_equal_hyperparameters(tmp_path, cli_config, hydra_overrides):
+    cli_model = _cli("--config", cli_config).model
+    hydra_model = hydra.utils.instantiate(compose_config(hydra_overrides, tmp_path).model)
     assert dict(cli_model.hparams) == dict(hydra_model.hparams)
 
 
@@ -59,3 +62,15 @@ def test_print_config_round_trips(tmp_path):
 def test_unknown_class_path_is_a_clear_error(tmp_path):
     proc = run_cli("fm-cli", "fit", "--config", TOY, "--data=datamodules.toy.NoSuchData", cwd=tmp_path)
     assert proc.returncode != 0 and "NoSuchData" in proc.stderr
+
+
+def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("fm-cli", "fit", "--config", DIGITS, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+                   "--trainer.limit_val_batches=1", "--model.lr_scheduler.init_args.total_steps=4",
+                   "--model.lr_scheduler.init_args.warmup_steps=1", "--data.init_args.batch_size=16",
+                   f"--trainer.default_root_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_checkpoint(next(out.rglob("last.ckpt")))
+    assert model.net.num_classes == 10 and list(model.source.dim) == [1, 8, 8]
+    assert model.sample(cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)

@@ -42,6 +42,9 @@ def test_every_group_option_instantiates(group, option, tmp_path):
     extra = []
     if group == "trainer":
         extra = ["trainer.devices=1", "trainer.accelerator=cpu"]
+    if group == "model/net" and option.startswith("unet"):
+        # Image nets link channels / size / classes to the image data config (native size per preset).
+        extra = ["data=images", f"data.image_size={ {'unet_cifar10': 32, 'unet_mnist': 28}.get(option, 8) }"]
     cfg = compose_config([f"{group}={option}", *extra], tmp_path)
     objs = _instantiate_node(_node(cfg, NODE_OF_GROUP[group]))
     if group not in ("callbacks", "logger") or option not in ("none",):
