@@ -73,4 +73,4 @@ def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = load_checkpoint(next(out.rglob("last.ckpt")))
     assert model.net.num_classes == 10 and list(model.source.dim) == [1, 8, 8]
-    assert model.sample(cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)
+    assert model.sample(num_samples=3, cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)

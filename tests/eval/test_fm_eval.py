@@ -119,5 +119,5 @@ def test_fm_eval_logs_the_sweep_table_to_wandb(ckpt, tmp_path):
                                           wandb_project="fm-eval-test")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and report["wandb_dir"].startswith(str(runs[0]))
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    assert b"eval/nfe_sweep" in record
+    table = json.loads(next(runs[0].glob("files/media/table/eval/nfe_sweep_*.table.json")).read_text())
+    assert table["columns"][:4] == ["solver", "steps", "tol", "nfe"] and len(table["data"]) == 24
