@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -501,7 +500,8 @@ def evaluate_checkpoint(
     report: dict[str, Any] = {"checkpoint": str(ckpt), "weights": "ema" if ema else "raw", "kind": kind,
                               "source": repr(model.source), "seed": kwargs.get("seed", 0)}
     hp = model.hparams
-    report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k] for k in ("solver", "steps", "atol", "rtol")}
+    report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k]
+                          for k in ("solver", "steps", "atol", "rtol")}
     if kind == "points":
         given = [k for k, v in image_only.items() if v is not None and k != "batch_size"]
         if given:
@@ -556,7 +556,8 @@ def markdown(report: dict[str, Any]) -> str:
     """A Markdown summary of an :func:`evaluate_checkpoint` report."""
     m = report["metrics"]
     s = report["sampling"]
-    tol = f"steps={s['steps']}" if s["solver"] in ("euler", "midpoint", "rk4") else f"atol={s['atol']:g}, rtol={s['rtol']:g}"
+    fixed = s["solver"] in ("euler", "midpoint", "rk4")
+    tol = f"steps={s['steps']}" if fixed else f"atol={s['atol']:g}, rtol={s['rtol']:g}"
     lines = [f"# fm-eval: `{report['checkpoint']}`", "",
              f"- data: {report['kind']}; source {report['source']}; "
              + (f"target {report['target']}" if "target" in report else f"images {report.get('data')}"),
@@ -586,9 +587,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated subset of {','.join(POINT_METRICS)} (2-D) or {','.join(IMAGE_METRICS)} "
                         "(images); default: all that apply")
-    p.add_argument("--target", default=None, help="2-D target: a distribution name or a points file (default: recorded)")
-    p.add_argument("--data-config", default=None, help="images: a run's .hydra/config.yaml (default: the checkpoint's run)")
-    p.add_argument("--num-samples", type=int, default=None, help="generated samples (default 2000 points, 10000 images)")
+    p.add_argument("--target", default=None,
+                   help="2-D target: a distribution name or a points file (default: recorded)")
+    p.add_argument("--data-config", default=None,
+                   help="images: a run's .hydra/config.yaml (default: the checkpoint's run)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="generated samples (default 2000 points, 10000 images)")
     p.add_argument("--num-likelihood", type=int, default=1000, help="data points whose NLL / bits/dim are averaged")
     p.add_argument("--likelihood-tol", type=float, default=1e-5, help="dopri5 atol=rtol of the likelihood ODE")
     p.add_argument("--sweep", action="store_true", help="also run the quality-vs-NFE sweep (CSV + PNG)")
@@ -627,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      ema=not args.raw_weights, device=args.device,
                                      wandb_project=args.wandb_project, **kwargs)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-        print(f"fm-eval: error: {err}", file=sys.stderr)
+        hint = " (fm-eval: --fid-weights PATH)" if "weights_path=" in str(err) else ""
+        print(f"fm-eval: error: {err}{hint}", file=sys.stderr)
         return 2
     print(markdown(report))
     print(f"wrote {report['files']['json']} and {report['files']['markdown']}")

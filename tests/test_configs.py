@@ -41,7 +41,13 @@ GROUP_OPTIONS = [(g, o) for g in NODE_OF_GROUP for o in _options(g)]
 def test_every_group_option_instantiates(group, option, tmp_path):
     extra = []
     if group == "trainer":
+        # GPU presets are instantiated on the CPU here; FSDP's strategy needs CUDA, so it is
+        # instantiated on its own below and the trainer with the default strategy.
         extra = ["trainer.devices=1", "trainer.accelerator=cpu"]
+        if option == "fsdp":
+            strategy = instantiate(compose_config(["trainer=fsdp"], tmp_path).trainer.strategy)
+            assert type(strategy).__name__ == "FSDPStrategy"
+            extra.append("trainer.strategy=auto")
     if group == "model/net" and option.startswith("unet"):
         # Image nets link channels / size / classes to the image data config (native size per preset).
         extra = ["data=images", f"data.image_size={ {'unet_cifar10': 32, 'unet_mnist': 28}.get(option, 8) }"]
