@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from fm_lightning.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests train tiny nets, for which one thread per process is fastest; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def compose_config(overrides: list[str], output_dir: str | os.PathLike | None = None) -> DictConfig:
