@@ -298,6 +298,9 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
     def reference_dataloader(
         self, batch_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None
     ) -> DataLoader:

@@ -191,6 +191,11 @@ class FlowMatchingModule(L.LightningModule):
         self.log("test/loss", loss, batch_size=batch["x1"].shape[0], sync_dist=True)
         return loss
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Samples (B, *shape) from the batch's ``x0`` (else the source), with its labels if any."""
+        x0 = batch["x0"] if "x0" in batch else self._source_like(batch["x1"])
+        return self.sample(x0=x0, cond=batch.get("cond")).x
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:

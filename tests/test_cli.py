@@ -74,3 +74,14 @@ def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
     model = load_checkpoint(next(out.rglob("last.ckpt")))
     assert model.net.num_classes == 10 and list(model.source.dim) == [1, 8, 8]
     assert model.sample(num_samples=3, cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)
+
+
+def test_fm_cli_validate_test_and_predict_run_from_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = str(next(out.rglob("last.ckpt")))
+    for sub in ["validate", "test", "predict"]:
+        proc = run_cli("fm-cli", sub, "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / sub}",
+                       f"--ckpt_path={ckpt}", "--model.solver=euler", "--model.steps=2", cwd=tmp_path)
+        assert proc.returncode == 0, (sub, proc.stderr[-3000:])
