@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .flow.solve import Solver
 from .metrics import FID, wasserstein2
+from .progress import track
 
 __all__ = ["SampleCallback", "FIDCallback", "EMA", "model_weights", "save_image_grid", "log_image"]
 
@@ -412,6 +413,8 @@ class FIDCallback(L.Callback):
         key: metric name; the mean NFE per sample batch goes to ``{key}_nfe``.
         seed: seed of the noise (rank r uses ``seed + r``).
         use_ema: sample with the EMA weights when there are any.
+        progress: show progress bars for the reference statistics and the samples (rank zero,
+            interactive consoles, and only when the trainer has a progress bar).
     """
 
     def __init__(
@@ -432,6 +435,7 @@ class FIDCallback(L.Callback):
         key: str = "val/fid",
         seed: int = 0,
         use_ema: bool = True,
+        progress: bool = True,
     ) -> None:
         if num_samples < 2 or batch_size < 1 or every_n_validations < 0:
             raise ValueError("FIDCallback needs num_samples >= 2, batch_size >= 1 and every_n_validations >= 0")
@@ -441,7 +445,7 @@ class FIDCallback(L.Callback):
         self.feature, self.weights_path = feature, weights_path
         self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
         self.guidance, self.every_n_validations, self.at_train_end = guidance, every_n_validations, at_train_end
-        self.key, self.seed, self.use_ema = key, seed, use_ema
+        self.key, self.seed, self.use_ema, self.progress = key, seed, use_ema, progress
         self.fid: FID | None = None
         self._validations = 0
         self._last_step = -1
@@ -478,8 +482,10 @@ class FIDCallback(L.Callback):
         loader = datamodule.reference_dataloader(
             batch_size=self.batch_size, rank=trainer.global_rank, world_size=trainer.world_size, limit=self.num_reference
         )
-        for batch in loader:
-            fid.update(batch["x1"], real=True)
+        fid.update_reference(loader, progress=self._show_progress(trainer))
+
+    def _show_progress(self, trainer: L.Trainer) -> bool:
+        return self.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
@@ -507,7 +513,9 @@ class FIDCallback(L.Callback):
         labels = _fixed_labels(pl_module, self.num_samples)
         nfes = []
         with model_weights(trainer, pl_module, self.use_ema):
-            for chunk in ids.split(self.batch_size):
+            chunks = track(ids.split(self.batch_size), "FID samples", len(ids), advance=len, unit="img",
+                           enabled=self._show_progress(trainer))
+            for chunk in chunks:
                 x0 = pl_module.source.sample(len(chunk), gen)
                 cond = None if labels is None else labels[chunk]
                 sol = pl_module.sample(x0=x0, cond=cond, guidance=self.guidance, **self.solver_kwargs)

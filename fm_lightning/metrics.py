@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import Tensor
+
+from .progress import num_examples, track
 
 __all__ = ["wasserstein2", "rbf_mmd2", "FID", "to_uint8"]
 
@@ -126,6 +130,14 @@ class FID:
         if self.inception and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         self.metric.update(images, real=real)
+
+    def update_reference(self, batches: Iterable[dict[str, Tensor]], progress: bool = True) -> None:
+        """Add the real images ``batch["x1"]`` (B, C, H, W) of every batch, e.g. of a datamodule's
+        ``reference_dataloader()``, with a progress bar counted in images (``progress``)."""
+        batches = track(batches, "FID reference statistics", num_examples(batches), advance=lambda b: len(b["x1"]),
+                        unit="img", enabled=progress)
+        for batch in batches:
+            self.update(batch["x1"], real=True)
 
     def compute(self) -> float:
         """FID of everything added on all ranks; then forgets the generated side."""

@@ -3,14 +3,19 @@ and the standard Inception path (offline, with a stand-in weights file)."""
 
 from __future__ import annotations
 
+import io
 import os
 
 import hydra
 import lightning as L
 import numpy as np
 import pytest
+import rich
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from rich.console import Console
 
+import fm_lightning.progress
 from conftest import compose_config
 from datamodules.images import ImageDataModule
 from datamodules.toy import ToyDataModule
@@ -120,6 +125,57 @@ def test_fid_reference_subset_in_memory(tmp_path):
     dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
     _fid_trainer(tmp_path, cb, dm).fit(tiny_module(), dm)
     assert cb.fid.reference()["n"] == 100 and cb.last_metrics["val/fid"] > 0
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """rich's global console as a terminal writing into a StringIO, and the (description, number of
+    Live displays on the console) of every bar the progress helper starts."""
+    buf = io.StringIO()
+    monkeypatch.setattr(rich, "_console", Console(file=buf, force_terminal=True, width=200, color_system=None))
+    started = []
+
+    class Recorded(fm_lightning.progress.Progress):
+        def add_task(self, description, *args, **kwargs):
+            started.append((description, len(self.console._live_stack)))
+            return super().add_task(description, *args, **kwargs)
+
+    monkeypatch.setattr(fm_lightning.progress, "Progress", Recorded)
+    return buf, started
+
+
+def test_reference_statistics_bar_counts_images(bars):
+    buf, started = bars
+    dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
+    fid = FID(TinyExtractor())
+    fid.update_reference(dm.reference_dataloader(batch_size=500))
+    assert int(fid.reference()["n"]) == 1797 and started == [("FID reference statistics", 1)]
+    assert "FID reference statistics" in buf.getvalue() and "1797/1797" in buf.getvalue()
+    fid.update_reference(dm.reference_dataloader(batch_size=500, limit=10), progress=False)
+    assert int(fid.reference()["n"]) == 1807 and len(started) == 1
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_fid_callback_bars_under_lightnings_rich_progress_bar(tmp_path, bars, progress):
+    """Reference statistics in setup (alone), samples at validation end (nested below the
+    training bar: two Live displays, no LiveError)."""
+    buf, started = bars
+    cb = FIDCallback(num_samples=40, batch_size=20, num_reference=100, feature=TinyExtractor(), solver="euler",
+                     steps=1, every_n_validations=1, progress=progress)
+    bar = RichProgressBar(console_kwargs=dict(file=buf, force_terminal=True, width=200, color_system=None))
+    trainer = L.Trainer(
+        max_steps=4, logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=1,
+        val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[bar, cb],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(tiny_module(), ImageDataModule("digits", batch_size=32, val_fraction=0.1))
+    out = buf.getvalue()
+    assert cb.last_metrics["val/fid"] > 0 and "Epoch 0" in out  # Lightning's own bar was drawn
+    if progress:
+        assert started == [("FID reference statistics", 1), ("FID samples", 2), ("FID samples", 2)]
+        assert "100/100" in out and "FID samples" in out and "40/40" in out
+    else:
+        assert started == [] and "FID samples" not in out
 
 
 def test_fid_without_reference_or_images_fails_before_training(tmp_path):
