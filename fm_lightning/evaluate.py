@@ -40,6 +40,7 @@ from torch import Tensor
 from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalized_path_energy, path_energy
 from .flow.solve import SOLVERS
 from .metrics import rbf_mmd2, wasserstein2
+from .progress import num_examples, track
 
 __all__ = [
     "POINT_METRICS", "IMAGE_METRICS", "SweepSetting", "sweep_grid", "nfe_sweep", "write_sweep",
@@ -95,6 +96,7 @@ def nfe_sweep(
     sample: Callable[[SweepSetting], tuple[Tensor, float]],
     quality: Callable[[Tensor], dict[str, float]],
     grid: Sequence[SweepSetting] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Quality versus NFE over ``grid`` (default :func:`sweep_grid`).
 
@@ -103,12 +105,14 @@ def nfe_sweep(
             from fixed noise, and the NFE per sample.
         quality: ``quality(x) -> {name: value}``, e.g. ``{"w2": ...}`` or ``{"fid": ...}``.
         grid: the settings.
+        progress: show a progress bar over the settings.
 
     Returns:
         One row per setting: ``solver``, ``steps``, ``tol``, ``nfe`` and the quality values.
     """
     rows = []
-    for setting in grid if grid is not None else sweep_grid():
+    grid = sweep_grid() if grid is None else grid
+    for setting in track(grid, "NFE sweep", unit="setting", enabled=progress):
         x, nfe = sample(setting)
         row = {"solver": setting.solver, "steps": setting.steps, "tol": setting.tol, "nfe": float(nfe), **quality(x)}
         log.info("NFE sweep %s: %s", setting.label, row)
@@ -217,6 +221,7 @@ def evaluate_points(
     rtol: float | None = None,
     likelihood_tol: float = 1e-5,
     sweep: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model on point data against a ``target`` distribution.
 
@@ -231,6 +236,7 @@ def evaluate_points(
         solver, steps, atol, rtol: sampling solver (default: the checkpoint's).
         likelihood_tol: atol = rtol of the dopri5 likelihood integration.
         sweep: also run the NFE sweep (W2 and MMD at every setting).
+        progress: show a progress bar over the sweep's settings.
 
     Returns:
         ``{"metrics": {...}, "skipped": {name: reason}, "sweep": [rows]}``.
@@ -278,7 +284,8 @@ def evaluate_points(
             s = model.sample(x0=x0, **setting.kwargs())
             return s.x, float(s.nfe)
 
-        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, reference), "mmd2": rbf_mmd2(x, reference)})
+        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, reference), "mmd2": rbf_mmd2(x, reference)},
+                         progress=progress)
     return {"metrics": out, "skipped": skipped, "sweep": rows}
 
 
@@ -306,6 +313,7 @@ def evaluate_images(
     num_reference: int | None = None,
     likelihood_tol: float = 1e-5,
     sweep: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate an image model: FID of generated images, bits/dim of real ones.
 
@@ -326,6 +334,7 @@ def evaluate_images(
         num_reference: use only the first n reference images.
         likelihood_tol: atol = rtol of the dopri5 likelihood integration.
         sweep: also run the NFE sweep (FID at every setting; costly).
+        progress: show progress bars (reference statistics, samples, bits/dim, sweep).
     """
     from .metrics import FID
 
@@ -341,8 +350,7 @@ def evaluate_images(
         if fid_reference and os.path.isfile(fid_reference):
             fid.load_reference(fid_reference, source)
         else:
-            for batch in datamodule.reference_dataloader(batch_size=batch_size, limit=num_reference):
-                fid.update(batch["x1"], real=True)
+            fid.update_reference(datamodule.reference_dataloader(batch_size=batch_size, limit=num_reference), progress)
             if fid_reference:
                 fid.save_reference(fid_reference, source or type(datamodule).__name__)
 
@@ -350,7 +358,8 @@ def evaluate_images(
         gen = torch.Generator().manual_seed(seed)
         labels = _fixed_labels(model, num_samples)
         nfes = []
-        for chunk in torch.arange(num_samples).split(batch_size):
+        chunks = torch.arange(num_samples).split(batch_size)
+        for chunk in track(chunks, "FID samples", num_samples, advance=len, unit="img", enabled=progress):
             x0 = model.source.sample(len(chunk), gen)
             cond = None if labels is None else labels[chunk]
             sol = model.sample(x0=x0, cond=cond, guidance=guidance if cond is not None else None, **setting_kw)
@@ -368,19 +377,17 @@ def evaluate_images(
             skipped["bpd"] = problem
         else:
             gen = torch.Generator().manual_seed(seed + 1)
-            bpds, nfes, seen = [], [], 0
-            for batch in datamodule.reference_dataloader(batch_size=batch_size):
-                x = batch["x1"][: num_likelihood - seen]
-                cond = batch.get("cond")
-                cond = None if cond is None or not model.num_classes else cond[: len(x)].to(model.device)
+            bpds, nfes = [], []
+            loader = datamodule.reference_dataloader(batch_size=batch_size, limit=num_likelihood)
+            for batch in track(loader, "bits/dim", num_examples(loader), advance=lambda b: len(b["x1"]), unit="img",
+                               enabled=progress):
+                x, cond = batch["x1"], batch.get("cond")
+                cond = None if cond is None or not model.num_classes else cond.to(model.device)
                 y = dequantize(x, gen).to(model.device)
                 res = log_likelihood(_EvalVelocity(model, cond), y, model.source.log_prob, solver="dopri5",
                                      atol=likelihood_tol, rtol=likelihood_tol, divergence="hutchinson", generator=gen)
                 bpds.append(bits_per_dim(res.log_prob, y[0].numel()).cpu())
                 nfes.append(res.nfe)
-                seen += len(x)
-                if seen >= num_likelihood:
-                    break
             out["eval/bpd"] = float(torch.cat(bpds).mean())
             out["eval/bpd_nfe"] = float(sum(nfes) / len(nfes))
     if sweep:
@@ -388,7 +395,7 @@ def evaluate_images(
             value, nfe = generate(setting.kwargs())
             return torch.tensor(value), nfe
 
-        rows = nfe_sweep(sample, lambda value: {"fid": float(value)})
+        rows = nfe_sweep(sample, lambda value: {"fid": float(value)}, progress=progress)
     return {"metrics": out, "skipped": skipped, "sweep": rows}
 
 
@@ -608,6 +615,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--wandb-project", default=None, help="also log metrics and the sweep table to this W&B project")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on terminals)")
     return p
 
 
@@ -624,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "steps": args.steps, "atol": args.atol, "rtol": args.rtol,
                                   "likelihood_tol": args.likelihood_tol, "sweep": args.sweep,
                                   "batch_size": args.batch_size, "guidance": args.guidance,
-                                  "fid_weights": args.fid_weights, "fid_reference": args.fid_reference}
+                                  "fid_weights": args.fid_weights, "fid_reference": args.fid_reference,
+                                  "progress": not args.no_progress}
         if args.num_samples is not None:
             kwargs["num_samples"] = args.num_samples
         report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, data_config=args.data_config,

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .progress import track
+
 __all__ = ["generate_pairs", "save_pairs", "compare", "ReflowChain", "RECTIFIED_FLOW", "main"]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ def generate_pairs(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     seed: int = 0,
+    progress: bool = True,
 ) -> tuple[Tensor, Tensor, float]:
     """Draw ``x0`` from the model's source and integrate ``x1 = ODE(x0)``, ``batch_size`` at a time.
 
@@ -64,6 +67,7 @@ def generate_pairs(
         batch_size: points integrated at once.
         solver, steps, atol, rtol: ODE solver of the pairs (accurate by default).
         seed: seed of the source draws.
+        progress: show a progress bar counted in pairs.
 
     Returns:
         ``(x0, x1, nfe)``: (N, *shape) each, on the CPU in fp32, and the mean NFE per batch.
@@ -74,7 +78,9 @@ def generate_pairs(
         raise ValueError("reflow pairs come from unconditional models; this one is class-conditional")
     gen = torch.Generator().manual_seed(seed)
     x0s, x1s, nfes = [], [], []
-    for start in range(0, num_pairs, batch_size):
+    starts = track(range(0, num_pairs, batch_size), "reflow pairs", num_pairs,
+                   advance=lambda s: min(batch_size, num_pairs - s), unit="pair", enabled=progress)
+    for start in starts:
         x0 = model.source.sample(min(batch_size, num_pairs - start), gen)
         sol = model.sample(x0=x0, solver=solver, steps=steps, atol=atol, rtol=rtol)
         x0s.append(x0.float().cpu())
@@ -225,13 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of adaptive solvers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from .module import load_checkpoint
 
     try:
         model = load_checkpoint(args.ckpt)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
-                                     args.tol, args.tol, args.seed)
+                                     args.tol, args.tol, args.seed, progress=not args.no_progress)
         path = save_pairs(args.out, x0, x1, nfe=nfe)
     except (ValueError, FileNotFoundError) as err:
         print(f"reflow: error: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .flow.solve import SOLVERS
+from .progress import track
 
 __all__ = ["main"]
 
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--batch-size", type=int, default=500, help="samples integrated at once (default 500)")
     p.add_argument("--grid", default=None, help="PNG grid of the first 256 images (default: --out with .png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on terminals)")
     return p
 
 
@@ -88,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         x0 = model.source.sample(args.num_samples, gen)
         labels = _labels(args.label, args.num_samples, model.num_classes)
         chunks, nfe = [], 0
-        for start in range(0, args.num_samples, args.batch_size):
+        starts = track(range(0, args.num_samples, args.batch_size), "samples", args.num_samples,
+                       advance=lambda s: min(args.batch_size, args.num_samples - s), unit="sample",
+                       enabled=not args.no_progress)
+        for start in starts:
             part = slice(start, start + args.batch_size)
             cond = labels[part] if isinstance(labels, torch.Tensor) else labels
             sol = model.sample(x0=x0[part], cond=cond, solver=args.solver, steps=args.steps, atol=args.atol,
