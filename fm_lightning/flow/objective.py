@@ -58,10 +58,17 @@ class CFMObjective:
             self.coupling.reg = 2 * path.sigma**2
 
     def draw(
-        self, x0: Tensor, x1: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        cond: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        paired: bool = False,
     ) -> tuple[PathSample, Tensor | None]:
-        """Pair, draw ``t`` and ``eps``, and sample the path. Shapes (B, *shape)."""
-        x0, x1, cond = self.coupling(x0, x1, cond, generator=generator)
+        """Pair (unless ``paired``: the batch already went through this coupling), draw ``t``
+        and ``eps``, and sample the path. Shapes (B, *shape)."""
+        if not paired:
+            x0, x1, cond = self.coupling(x0, x1, cond, generator=generator)
         t = self.time_sampler(x1.shape[0], device=x1.device, generator=generator)
         if generator is None:
             eps = torch.randn_like(x1)
@@ -76,9 +83,12 @@ class CFMObjective:
         x1: Tensor,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
+        paired: bool = False,
     ) -> CFMLoss:
-        """Evaluate the loss of ``net(x, t, cond)``; the regression target and reduction stay fp32."""
-        sample, cond = self.draw(x0, x1, cond, generator)
+        """Evaluate the loss of ``net(x, t, cond)``; the regression target and reduction stay fp32.
+        ``paired``: ``(x0, x1)`` were already paired by this objective's coupling (see
+        ``ToyDataModule``, which pairs in its loader)."""
+        sample, cond = self.draw(x0, x1, cond, generator, paired)
         v = net(sample.xt, sample.t, cond) if cond is not None else net(sample.xt, sample.t)
         per_sample = (v.float() - sample.ut.float()).square().flatten(1).mean(1)
         return CFMLoss(loss=per_sample.mean(), per_sample=per_sample, sample=sample, cond=cond)

@@ -302,3 +302,66 @@ def test_val_loader_covers_fixed_set():
 def test_datamodule_bad_sizes_raise(kw):
     with pytest.raises(ValueError, match=">= 1"):
         ToyDataModule(**kw)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_workers_give_the_same_stream_in_order(workers):
+    kw = dict(source="gaussian", target="moons", batch_size=16, steps_per_epoch=5, val_size=8, seed=3)
+    serial = ToyDataModule(**kw, num_workers=0)
+    parallel = ToyDataModule(**kw, num_workers=workers)
+    for _epoch in range(2):  # each new iterator moves both streams to the next epoch
+        a, b = _batches(serial), _batches(parallel)
+        assert len(a) == len(b) == 5
+        for u, v in zip(a, b):
+            assert isinstance(v["x0"], torch.Tensor) and v["x0"].dtype == torch.float32
+            assert torch.equal(u["x0"], v["x0"]) and torch.equal(u["x1"], v["x1"])
+    # Resuming mid-epoch restarts at the exact batch, with or without workers.
+    resumed = ToyDataModule(**kw, num_workers=workers)
+    resumed._train.epoch, resumed._train.start = 1, 3
+    assert torch.equal(_batches(resumed)[0]["x1"], b[3]["x1"])
+
+
+def test_loader_pairs_batches_with_the_coupling():
+    from fm_lightning.flow.couplings import ExactOTCoupling, squared_cost
+
+    kw = dict(source="gaussian", target="8gaussians", batch_size=32, steps_per_epoch=3, val_size=8, seed=0)
+    raw = _batches(ToyDataModule(**kw, num_workers=0))
+    dm = ToyDataModule(**kw, num_workers=1)
+    dm.coupling = ExactOTCoupling()
+    paired = _batches(dm)
+    for r, p in zip(raw, paired):
+        assert p["paired"] is True and "paired" not in r
+        # The same points, re-paired by a permutation that is the optimal assignment.
+        assert torch.equal(p["x0"].sort(0).values, r["x0"].sort(0).values)
+        assert torch.equal(p["x1"].sort(0).values, r["x1"].sort(0).values)
+        x0, x1, _ = ExactOTCoupling()(r["x0"], r["x1"])
+        assert torch.allclose(squared_cost(p["x0"], p["x1"]).diagonal().sum(), squared_cost(x0, x1).diagonal().sum())
+        assert squared_cost(p["x0"], p["x1"]).diagonal().sum() < squared_cost(r["x0"], r["x1"]).diagonal().sum()
+
+
+def test_trainer_pairs_in_the_loader_with_the_models_coupling(tmp_path):
+    import lightning as L
+
+    from fm_lightning.flow.couplings import ExactOTCoupling
+    from fm_lightning.flow.objective import CFMObjective
+    from fm_lightning.flow.paths import ICFMPath
+    from fm_lightning.module import FlowMatchingModule
+    from fm_lightning.nets import MLP
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch.get("paired", False))
+
+    for global_batch in (False, True):
+        seen.clear()
+        dm = ToyDataModule(source="gaussian", target="moons", batch_size=16, steps_per_epoch=3, val_size=8)
+        flow = CFMObjective(ICFMPath(0.0), ExactOTCoupling(global_batch=global_batch))
+        model = FlowMatchingModule(MLP(2, 16, 1), flow, source="gaussian")
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Spy()])
+        trainer.fit(model, datamodule=dm)
+        # In one process a global-batch coupling sees the whole batch too, so the loader pairs.
+        assert seen == [True] * 3
+        assert dm._loader_coupling() is flow.coupling
