@@ -99,10 +99,111 @@ def test_independent_coupling_keeps_pairs():
     assert torch.equal(y0, x0) and torch.equal(y1, x1) and torch.equal(c, cond)
 
 
-def _plan(reg, x0, x1, num_iters=3000):
+def _plan(reg, x0, x1, num_iters=3000, tol=1e-12):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SinkhornOTCoupling(reg=reg, num_iters=num_iters).plan(x0, x1)
+        return SinkhornOTCoupling(reg=reg, num_iters=num_iters, tol=tol).plan(x0, x1)
+
+
+def _toy_clouds(n, seed):
+    """moons -> 8gaussians-like point clouds (n, 2) in float64, squared costs up to ~100-200:
+    two offset elongated blobs as the source, eight blobs on a circle of radius 5 as the target."""
+    g = torch.Generator().manual_seed(seed)
+    side = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    x0 = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([1.5, 0.4], dtype=torch.float64)
+    x0 = x0 + side[:, None] * torch.tensor([1.0, 0.75], dtype=torch.float64) - 1.0
+    angle = torch.randint(0, 8, (n,), generator=g).double() * (math.pi / 4)
+    x1 = 5 * torch.stack([angle.cos(), angle.sin()], 1) + 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return x0, x1
+
+
+def _marginal_error(pi):
+    """max(|B0 * row sums - 1|, |B1 * column sums - 1|)."""
+    return max(np.abs(pi.sum(1) * pi.shape[0] - 1).max(), np.abs(pi.sum(0) * pi.shape[1] - 1).max())
+
+
+@pytest.mark.parametrize("reg", [0.5, 0.05])
+@pytest.mark.parametrize("tol", [1e-4, 1e-9])
+def test_sinkhorn_marginals_uniform_on_toy_scale_costs(reg, tol, caplog):
+    """B=256 at the SB-CFM reg (2 sigma^2 for sigma=0.5) and 10x smaller, on costs ~100x reg:
+    the plan is a coupling of the uniform marginals to ``tol``, reached without a warning."""
+    x0, x1 = _toy_clouds(256, seed=0)
+    cost = _cost_matrix(x0, x1)
+    assert 100 < cost.max() < 300  # the cost scale the solver must handle at reg = 0.5
+    with caplog.at_level(logging.WARNING, logger="fm_lightning.flow.couplings"):
+        pi = SinkhornOTCoupling(reg=reg, tol=tol).plan(x0, x1)
+    assert not caplog.records
+    assert pi.shape == (256, 256) and np.isfinite(pi).all() and (pi >= 0).all()
+    assert _marginal_error(pi) < tol
+
+
+def test_sinkhorn_plan_is_the_gibbs_optimum():
+    """Uniform marginals plus the Gibbs form ``P_ij = exp((f_i + g_j - C_ij) / reg)`` are the
+    optimality conditions of entropic OT: ``reg * log P + C`` must be a sum ``f_i + g_j``, so
+    its double-centred residual vanishes."""
+    x0, x1 = _toy_clouds(64, seed=1)
+    reg = 0.5
+    pi = _plan(reg, x0, x1, tol=1e-10)
+    assert _marginal_error(pi) < 1e-10
+    h = reg * np.log(pi) + _cost_matrix(x0, x1)
+    resid = h - h.mean(1, keepdims=True) - h.mean(0, keepdims=True) + h.mean()
+    assert np.abs(resid).max() < 1e-9
+
+
+@pytest.mark.parametrize("reg", [0.5, 2.0])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sinkhorn_matches_pot_log_sinkhorn(reg, seed):
+    """Entry by entry, to 1e-8 relative, against POT's log-domain Sinkhorn run to 1e-12."""
+    ot = pytest.importorskip("ot")
+    x0, x1 = _toy_clouds(32, seed)
+    cost = _cost_matrix(x0, x1)
+    w = np.full(32, 1 / 32)
+    ref = ot.sinkhorn(w, w, cost, reg, method="sinkhorn_log", numItermax=100000, stopThr=1e-12)
+    assert _marginal_error(ref) < 1e-9  # the reference itself converged
+    pi = _plan(reg, x0, x1, num_iters=100000, tol=1e-11)
+    np.testing.assert_allclose(pi, ref, rtol=1e-8, atol=1e-15)
+    assert (pi * cost).sum() == pytest.approx((ref * cost).sum(), rel=1e-10)
+
+
+def test_sinkhorn_transport_cost_decreases_to_exact_ot():
+    """``<P_reg, C>`` decreases monotonically as reg decreases, stays above the exact OT cost,
+    and is within ``reg * log B`` of it (entropy bound); at small reg it meets the optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = 32
+    x0, x1 = _toy_clouds(n, seed=2)
+    cost = _cost_matrix(x0, x1)
+    rows, cols = linear_sum_assignment(cost)
+    ot_cost = cost[rows, cols].sum() / n
+    regs = [cost.max() * r for r in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 3e-4)]
+    gaps = []
+    for reg in regs:
+        pi = _plan(reg, x0, x1, num_iters=100000, tol=1e-11)
+        assert _marginal_error(pi) < 1e-10
+        gap = (pi * cost).sum() - ot_cost
+        assert -1e-9 * ot_cost <= gap <= reg * math.log(n)
+        gaps.append(gap)
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 3e-3 * gaps[0]
+
+
+def test_sinkhorn_unconverged_warns_once_with_the_error(caplog):
+    x0, x1 = _toy_clouds(64, seed=3)
+    coupling = SinkhornOTCoupling(reg=0.05, num_iters=5)
+    with caplog.at_level(logging.WARNING, logger="fm_lightning.flow.couplings"):
+        pi = coupling.plan(x0, x1)
+        coupling.plan(x0, x1)
+    warned = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert f"marginal error {_marginal_error(pi):.2e}" in warned[0]
+    assert _marginal_error(pi) > coupling.tol
+    assert "_warned" not in repr(coupling) and "tol=0.0001" in repr(coupling)
+
+
+@pytest.mark.parametrize("kwargs", [{"tol": 0.0}, {"tol": -1e-4}, {"num_iters": 0}])
+def test_sinkhorn_bad_tol_or_iters_raise(kwargs):
+    with pytest.raises(ValueError, match="tol > 0 and num_iters >= 1"):
+        SinkhornOTCoupling(reg=1.0, **kwargs)
 
 
 @pytest.mark.parametrize("seed", range(3))
