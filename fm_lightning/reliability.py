@@ -71,10 +71,71 @@ def find_last_checkpoint(runs_dir: str | os.PathLike) -> Path:
 
 class RNGStateCallback(L.Callback):
     """Saves and restores every global RNG (torch CPU and CUDA, numpy, python) with the
-    checkpoint, so a resumed run draws the same noise, times and couplings as an uninterrupted
-    one. Stored as tensors and tuples of ints, so the checkpoint stays ``weights_only``-safe."""
+    checkpoint, so a resumed run draws the same noise, times, couplings and label drops as an
+    uninterrupted one. Stored as tensors and tuples of ints, so the checkpoint stays
+    ``weights_only``-safe.
+
+    Two rules make the restored state the one the uninterrupted run continued from:
+
+    - Validation during ``fit`` does not move the training streams: the states that training
+      left are put back when a validation run ends. Otherwise a checkpoint written at a
+      step followed by validation (an epoch end, say) would hold the states *before*
+      validation's draws (the val DataLoader's iterator seed, anything a callback draws), while
+      the uninterrupted run went on *after* them. A side effect: ``val_check_interval`` does not
+      change the training noise.
+    - On resume the states are restored at the first training batch (``on_train_batch_start``),
+      after everything Lightning does first: sanity checks, and the fast-forward past a
+      validation that was due at the saved step, which creates (and draws the seed of) the val
+      loader's iterator.
+
+    Not covered: global-RNG draws made while the first resumed batch is *fetched* (random
+    augmentations in a ``num_workers=0`` loader) happen before the restore. Data pipelines
+    should draw from their own generators seeded from (seed, epoch, position), as
+    ``ToyDataModule`` and ``ImageDataModule`` do. Under DDP the checkpoint holds rank zero's
+    states (Lightning keeps callback state from rank zero only), so after a resume every rank
+    continues from those.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._torch_state: torch.Tensor | None = None  # at the last training batch's end
+        self._training_states: dict[str, Any] | None = None  # to put back when validation ends
 
     def state_dict(self) -> dict[str, Any]:
+        return self._collect()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Applied at the first training batch, so nothing that runs between restoring and
+        # training (dataloader set-up, sanity checks, skipping a due validation) shifts the streams.
+        self._pending = state
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Only the torch CPU state (a 5 KB copy, ~2 us): creating the val loader's iterator draws
+        # its seed from it *before* any validation hook runs. The other generators are still
+        # untouched at on_validation_start and are kept there.
+        self._torch_state = torch.get_rng_state()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._torch_state is not None:
+            self._training_states = {**self._collect(), "torch": self._torch_state}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # Runs before ModelCheckpoint's own on_validation_end (Lightning calls checkpoint
+        # callbacks last), so a checkpoint written there holds the training states too.
+        if self._training_states is not None:
+            self._restore(self._training_states)
+            self._training_states = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._torch_state = self._training_states = None
+
+    @staticmethod
+    def _collect() -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "torch": torch.get_rng_state(),
@@ -85,19 +146,6 @@ class RNGStateCallback(L.Callback):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Applied at the first training batch, so nothing that runs between restoring and
-        # training (dataloader set-up, sanity checks) shifts the streams.
-        self._pending = state
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None:
-            self._restore(self._pending)
-            self._pending = None
 
     @staticmethod
     def _restore(state: dict[str, Any]) -> None:
