@@ -13,6 +13,16 @@ Batches are dicts ``{"x1": (B, C, H, W) in [-1, 1], "cond": (B,) int64 labels}``
 present only when ``num_classes > 0`` (class-conditional training). The module draws ``x0``
 from its own source.
 
+Training order and flips are a pure function of ``(seed, epoch)``: each epoch is a permutation
+drawn from its own generator (and so is each image's flip, with ``hflip``), so nothing in the
+data pipeline touches the global RNG or depends on worker processes. Together with the
+checkpointed RNG states (``fm_lightning.reliability.RNGStateCallback``) this makes resume
+exact: the train loader implements Lightning's stateful-dataloader protocol (``state_dict`` /
+``load_state_dict``, saved in the checkpoint's loop state), so a run resumed from a checkpoint
+written mid-epoch continues at the exact batch, and one written at an epoch boundary starts the
+next epoch, with the same images in the same order as the uninterrupted run. Exactness assumes
+the same devices, global batch size and ``limit_train_batches`` on resume.
+
 Unreadable image files (``imagefolder``) stop the run with the file's name: ``setup`` checks
 every file once (``verify_images``) and lists all bad ones in one error, and a file that still
 fails to decode later raises an error that names it. Skipping files silently would change the
@@ -22,18 +32,20 @@ dataset (and any FID reference statistics computed from it) without anyone notic
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from fm_lightning.distributed import per_device_batch_size
 
-__all__ = ["ImageDataModule", "DATASETS", "DigitsDataset"]
+__all__ = ["ImageDataModule", "DATASETS", "DigitsDataset", "EpochSampler", "ResumableDataLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +127,95 @@ class _Labelled(Dataset):
         return item
 
 
+class _Flips(Dataset):
+    """Items of ``data``, keyed by an index or by ``(index, flip)``; ``flip`` mirrors ``x1`` (W axis).
+
+    The flip decisions come from :class:`EpochSampler`, not from a random transform, so they do
+    not depend on the global RNG or on worker processes. Flipping the final tensor equals
+    flipping the image after resize and crop (normalisation is per pixel)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Tensor]:
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        item = self.data[index]
+        return {**item, "x1": item["x1"].flip(-1)} if flip else item
+
+
+class EpochSampler(DistributedSampler):
+    """Training indices: a permutation of the dataset that depends only on ``(seed, epoch)``,
+    sharded ``rank::num_replicas``; with ``hflip`` each index comes as ``(index, flip)`` with
+    flips (p = 1/2) from the same generator.
+
+    Lightning calls :meth:`set_epoch` at every epoch start. Because it is a
+    ``DistributedSampler``, Lightning keeps it under DDP instead of injecting its own; ranks
+    share the permutation and take disjoint shards (padded by repeating its start, as
+    ``DistributedSampler`` does). :attr:`skip` drops that many of this rank's samples from the
+    next iteration only (resuming mid-epoch; see :class:`ResumableDataLoader`).
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, hflip: bool = False
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.hflip = hflip
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int | tuple[int, bool]]:
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
+        order = torch.randperm(n, generator=gen).tolist()
+        keys: list[Any] = order
+        if self.hflip:
+            flips = (torch.rand(n, generator=gen) < 0.5).tolist()
+            keys = [(i, flips[i]) for i in order]
+        if len(keys) < self.total_size:
+            keys = (keys * math.ceil(self.total_size / len(keys)))[: self.total_size]
+        skip, self.skip = self.skip, 0
+        return iter(keys[self.rank : self.total_size : self.num_replicas][skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` that Lightning can resume mid-epoch.
+
+    It follows Lightning's stateful-dataloader protocol: Lightning stores :meth:`state_dict`
+    (the epoch and how many batches of it were yielded) in the checkpoint and, on resume,
+    calls :meth:`load_state_dict` before iterating. If the resumed epoch is the saved one,
+    the sampler skips the batches already trained on; a checkpoint written at an epoch's last
+    batch resumes at the start of the next epoch. Counting happens where batches leave the
+    loader, so it is exact with worker processes and their prefetching.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch, self._position = 0, 0
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        if isinstance(sampler, EpochSampler):
+            sampler.skip = start * (self.batch_size or 1)
+        else:
+            start = 0  # Lightning swapped the sampler (overfit_batches): nothing to skip
+        self._epoch, self._position = epoch, start
+        for batch in super().__iter__():
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
 class ImageDataModule(L.LightningDataModule):
     """Image batches ``{"x1": (B, C, H, W) in [-1, 1], "cond": (B,)}`` for flow matching.
 
@@ -137,8 +238,12 @@ class ImageDataModule(L.LightningDataModule):
             ``batch_size / (world_size * accumulate_grad_batches)`` (see ``setup``).
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory (for GPU training).
-        seed: seed of the holdout split.
+        seed: seed of the holdout split, the training order and the flips (see the module doc).
         verify_images: check every ``imagefolder`` file in ``setup`` (see the module doc).
+
+    Resume is exact at any batch, mid-epoch included: the train loader is a
+    :class:`ResumableDataLoader` over an :class:`EpochSampler`, whose position Lightning keeps in
+    the checkpoint (its stateful-dataloader support; torchdata is not needed).
     """
 
     def __init__(
@@ -182,6 +287,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_split, self.val_fraction, self.batch_size = val_split, val_fraction, batch_size
         self.num_workers, self.pin_memory, self.seed, self.verify_images = num_workers, pin_memory, seed, verify_images
         self.device_batch_size = batch_size
+        self._rank, self._world_size = 0, 1
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self._train_base: Dataset | None = None
@@ -235,7 +341,9 @@ class ImageDataModule(L.LightningDataModule):
         return folder
 
     def transform(self, train: bool) -> Any:
-        """PIL image -> (C, H, W) float tensor in [-1, 1]: convert, resize, crop, flip, scale."""
+        """PIL image -> (C, H, W) float tensor in [-1, 1]: convert, resize, crop, scale; the same
+        for ``train`` or not. Training flips (``hflip``) are not here: :class:`EpochSampler`
+        decides them and the train loader applies them to the tensors (module doc)."""
         from torchvision import transforms as T
 
         steps: list[Any] = []
@@ -243,8 +351,6 @@ class ImageDataModule(L.LightningDataModule):
             steps.append(T.Lambda(_to_rgb if (self.channels or 3) == 3 else _to_grey))
         if self.image_size is not None:
             steps += [T.Resize(self.image_size, antialias=True), T.CenterCrop(self.image_size)]
-        if train and self.hflip:
-            steps.append(T.RandomHorizontalFlip())
         steps += [T.ToTensor(), T.Normalize(0.5, 0.5)]
         return T.Compose(steps)
 
@@ -258,6 +364,7 @@ class ImageDataModule(L.LightningDataModule):
             self.device_batch_size = per_device_batch_size(
                 self.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
             )
+            self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
         if self.data_train is not None:
             return
         labels = self.num_classes > 0
@@ -275,25 +382,36 @@ class ImageDataModule(L.LightningDataModule):
         self.data_val = val
 
     # -- loaders -----------------------------------------------------------------------------
-    def _loader(self, data: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        batch_size = batch_size or self.device_batch_size
+    def _loader(self, data: Dataset, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
             data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(data) >= batch_size,
+            batch_size=batch_size or self.device_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds without the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled, flipped (``hflip``) batches in an order fixed by ``(seed, epoch)``, sharded
+        over ranks; resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         self.setup()
-        return self._loader(self.data_train, shuffle=True)
+        sampler = EpochSampler(self.data_train, self._world_size, self._rank, self.seed, self.hflip)
+        return ResumableDataLoader(
+            _Flips(self.data_train),
+            batch_size=self.device_batch_size,
+            sampler=sampler,
+            drop_last=len(sampler) >= self.device_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
-        return self._loader(self.data_val, shuffle=False) if self.data_val is not None else []
+        return self._loader(self.data_val) if self.data_val is not None else []
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
