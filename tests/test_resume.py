@@ -1,63 +1,193 @@
-"""Exact resume: a run SIGKILLed at a random step and resumed equals an uninterrupted run, bitwise."""
+"""Exact resume: a run SIGKILLed at a random step and resumed equals an uninterrupted run, bitwise.
+
+Each test trains once uninterrupted, then, for each kill point, starts ``fm-train`` as a
+subprocess that SIGKILLs itself (``tests/helpers/kill.py``) at a step drawn at random after the
+first checkpoint, resumes it with ``ckpt_path`` in place, and compares the final checkpoint
+(weights, EMA weights, EMA count) and every logged ``train/loss``.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 import random
+from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import run_cli
+from fm_lightning.reliability import RNGStateCallback
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
-# 60 steps over epochs of 25 batches, a checkpoint every 10 steps, losses logged every step.
+# 60 steps over epochs of 25 batches, a checkpoint every 10 steps, losses logged every step,
+# validation at every epoch end (steps 25 and 50, so the checkpoint at 50 is followed by one).
 TOY = ["debug=fast", "trainer.max_steps=60", "data.steps_per_epoch=25", "callbacks.model_checkpoint.every_n_train_steps=10",
        "trainer.log_every_n_steps=1", "trainer.val_check_interval=25", "flow=sbcfm", "experiment=n_to_moons"]
+TOY_EMA = [*TOY, "+callbacks.ema._target_=fm_lightning.callbacks.EMA", "+callbacks.ema.decay=0.9"]
+# Class-conditional digits (UNet, OT-CFM, label dropout, EMA): 180 training images in batches of
+# 32 make epochs of 5 steps; 20 steps, validation (and a sample grid) every 5 steps.
+DIGITS = ["experiment=digits", "trainer.max_steps=20", "data.val_fraction=0.9", "data.batch_size=32",
+          "trainer.val_check_interval=5", "+trainer.limit_val_batches=2", "model.lr_scheduler.warmup_steps=5",
+          "model.net.model_channels=16", "callbacks.samples.num_samples=10", "callbacks.samples.steps=2",
+          "callbacks.samples.num_trajectories=2", "logger=csv", "trainer.log_every_n_steps=1"]
+DIGITS_EPOCH = 5  # steps per epoch
 
 
-def _losses(run_dir) -> dict[int, str]:
+def _every(n: int) -> str:
+    return f"callbacks.model_checkpoint.every_n_train_steps={n}"
+
+
+def _train(overrides: list[str], run_dir: Path, *extra: str):
+    """``fm-train`` in a subprocess writing into ``run_dir``."""
+    return run_cli("fm-train", *overrides, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent)
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
     """train/loss by step; a step logged twice (before the kill and after resume) keeps its last row."""
-    rows = csv.DictReader(open(run_dir / "csv/metrics.csv"))
-    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+    with open(run_dir / "csv/metrics.csv") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def _final_state(run_dir) -> dict:
-    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 60
-    return ckpt
+def _last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
 
 
-def _assert_same_run(a, b) -> None:
-    ca, cb = _final_state(a), _final_state(b)
+def assert_same_run(a: Path, b: Path, steps: int, ema: bool) -> None:
+    """Both runs end at ``steps`` with bitwise-equal weights (and EMA weights, raw weights and
+    EMA update count when ``ema``) and the same ``train/loss`` at every step."""
+    ca, cb = _last(a), _last(b)
+    assert ca["global_step"] == cb["global_step"] == steps
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
-    for key in ca["state_dict"]:
+    for key in ca["state_dict"]:  # the EMA weights when EMA is on
         assert torch.equal(ca["state_dict"][key], cb["state_dict"][key]), key
-    for key, value in ca.get("current_model_state", {}).items():  # raw weights when EMA holds state_dict
-        assert torch.equal(value, cb["current_model_state"][key]), key
-    assert _losses(a) == _losses(b) and len(_losses(a)) == 60
+    assert ("current_model_state" in ca) == ema and ("current_model_state" in cb) == ema
+    if ema:
+        for key, value in ca["current_model_state"].items():  # the raw weights
+            assert torch.equal(value, cb["current_model_state"][key]), key
+        assert any(not torch.equal(v, ca["current_model_state"][k]) for k, v in ca["state_dict"].items())
+        assert int(ca["averaging_state"]["n_averaged"]) == int(cb["averaging_state"]["n_averaged"]) == steps
+    losses = _losses(a)
+    assert _losses(b) == losses and sorted(losses) == list(range(steps))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = run_cli("fm-train", *TOY, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+def kill_and_resume(overrides: list[str], run_dir: Path, kill_step: int, monkeypatch) -> tuple[int, str]:
+    """Train with ``overrides``, SIGKILLed at ``kill_step``, then resume from last.ckpt to the end.
+    Returns the step of the checkpoint it resumed from and the resumed run's output."""
+    with monkeypatch.context() as m:
+        m.setenv("PYTHONPATH", os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
+        kill = ["+callbacks.kill._target_=kill.KillAtStep", f"+callbacks.kill.step={kill_step}"]
+        proc = _train(overrides, run_dir, *kill)
+    assert proc.returncode == -9, (kill_step, proc.returncode, proc.stderr[-2000:])
+    resumed_from = _last(run_dir)["global_step"]
+    proc = _train(overrides, run_dir, f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return resumed_from, proc.stderr + proc.stdout
+
+
+def _uninterrupted(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    proc = _train(overrides, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    return _uninterrupted(tmp_path_factory, "toy", TOY)
+
+
+@pytest.fixture(scope="module")
+def toy_ema_run(tmp_path_factory):
+    return _uninterrupted(tmp_path_factory, "toy_ema", TOY_EMA)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    return _uninterrupted(tmp_path_factory, "digits", [*DIGITS, _every(DIGITS_EPOCH)])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch, seed):
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(toy_run, tmp_path, monkeypatch, seed):
     kill_step = random.Random(seed).randint(11, 59)  # after the first checkpoint (step 10)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
-    run_dir = tmp_path / "run"
-    proc = run_cli("fm-train", *TOY, f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=kill.KillAtStep",
-                   f"+callbacks.kill.step={kill_step}", cwd=tmp_path)
-    assert proc.returncode == -9, (kill_step, proc.stderr[-2000:])
-    killed_at = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    assert killed_at == kill_step // 10 * 10
-    proc = run_cli("fm-train", *TOY, f"hydra.run.dir={run_dir}", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_run(uninterrupted, run_dir)
+    resumed_from, _ = kill_and_resume(TOY, tmp_path / "run", kill_step, monkeypatch)
+    assert resumed_from == kill_step // 10 * 10
+    assert_same_run(toy_run, tmp_path / "run", steps=60, ema=False)
+
+
+def test_sigkill_with_ema_resumes_the_average_bitwise(toy_ema_run, tmp_path, monkeypatch):
+    # After the checkpoint at step 50, which is also an epoch end followed by validation: the
+    # hardest point (the validation must not shift the restored RNG streams).
+    kill_step = random.Random(2).randint(51, 59)
+    assert kill_and_resume(TOY_EMA, tmp_path / "run", kill_step, monkeypatch)[0] == 50
+    assert_same_run(toy_ema_run, tmp_path / "run", steps=60, ema=True)
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # one kill point in CI
+def test_digits_sigkill_then_resume_from_an_epoch_boundary_is_bitwise_identical(digits_run, tmp_path, monkeypatch,
+                                                                              seed):
+    kill_step = random.Random(seed).randint(DIGITS_EPOCH + 1, 19)  # after the first epoch's checkpoint
+    resumed_from, _ = kill_and_resume([*DIGITS, _every(DIGITS_EPOCH)], tmp_path / "run", kill_step, monkeypatch)
+    assert resumed_from == kill_step // DIGITS_EPOCH * DIGITS_EPOCH
+    assert_same_run(digits_run, tmp_path / "run", steps=20, ema=True)
+
+
+def test_digits_sigkill_then_resume_mid_epoch_is_bitwise_identical(digits_run, tmp_path, monkeypatch):
+    """Checkpoints every 4 steps fall inside the 5-step epochs; the train loader's saved position
+    (Lightning's stateful-dataloader protocol) resumes at the exact batch. The reference run
+    checkpointed every 5 steps: checkpointing does not change training."""
+    kill_step = random.Random(0).randint(5, 19)
+    resumed_from, log = kill_and_resume([*DIGITS, _every(4)], tmp_path / "run", kill_step, monkeypatch)
+    assert resumed_from == kill_step // 4 * 4 and resumed_from % DIGITS_EPOCH
+    assert "dataloader is not resumable" not in log  # Lightning sees the loader as stateful
+    assert_same_run(digits_run, tmp_path / "run", steps=20, ema=True)
+
+
+class _Noisy(L.LightningModule):
+    """Records what each training step draws from the global RNGs (torch, numpy, python);
+    validation draws from all three as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.noise: list[tuple[float, float, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        noise = torch.randn(1)
+        self.noise.append((noise.item(), np.random.rand(), random.random()))
+        return ((self.w - noise) ** 2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        torch.randn(3), np.random.rand(), random.random()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(range(4), batch_size=1)
+
+    def val_dataloader(self):
+        return DataLoader(range(2), batch_size=1)  # creating its iterator draws from the global RNG too
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_validation_does_not_move_the_training_rng_streams(tmp_path, with_callback):
+    """What makes a checkpoint written just before a validation resume exactly: with
+    RNGStateCallback, training draws the same noise whether or not (and how often) it validates."""
+    runs = []
+    for val_every in (3, 5, None):
+        L.seed_everything(0, verbose=False)
+        model = _Noisy()
+        trainer = L.Trainer(
+            max_steps=12, val_check_interval=val_every or 1, check_val_every_n_epoch=None,
+            limit_val_batches=2 if val_every else 0, num_sanity_val_steps=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[RNGStateCallback()] if with_callback else [],
+        )
+        trainer.fit(model)
+        runs.append(model.noise)
+    assert len(runs[0]) == 12
+    assert (runs[0] == runs[1] == runs[2]) == with_callback
