@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from fm_lightning.flow.paths import PathSample
 from fm_lightning.train import CONFIG_DIR
 
 __all__ = ["compose_train", "Clock", "TorchCFMRecipe", "TASKS", "FLOWS"]
@@ -162,13 +163,13 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True):
     flow = hydra.utils.instantiate(cfg.model.flow)
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(net.parameters())
     scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer) if cfg.model.get("lr_scheduler") else None
-    datamodule.coupling = flow.coupling  # pair in the loader's workers, as under the Trainer
+    datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
     loader = datamodule.train_dataloader()
     total, done = int(cfg.trainer.max_steps), 0
     clock = Clock()
     while done < total:
         for batch in loader:
-            loss = flow(net, batch["x0"], batch["x1"], paired=batch.get("paired", False)).loss
+            loss = flow.regress(net, PathSample.from_dict(batch)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -34,6 +34,7 @@ import lightning as L
 import torch
 
 from _common import Clock, TorchCFMRecipe, compose_train
+from fm_lightning.flow.paths import PathSample
 
 QUIET_TRAINER = [
     "callbacks=none", "logger=none",
@@ -78,14 +79,14 @@ def bare_rate(overrides: list[str], warmup: int, steps: int, out: str) -> tuple[
     flow = hydra.utils.instantiate(cfg.model.flow)
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(net.parameters())
     scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer)
-    datamodule.coupling = flow.coupling  # pair in the loader's workers, as under the Trainer
+    datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
     loader = datamodule.train_dataloader()
     done, clock = 0, None
     while done < warmup + steps:
         for batch in loader:
             if done == warmup:
                 clock = Clock()
-            loss = flow(net, batch["x0"], batch["x1"], paired=batch.get("paired", False)).loss
+            loss = flow.regress(net, PathSample.from_dict(batch)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

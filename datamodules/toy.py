@@ -380,15 +380,16 @@ class _PairStream(IterableDataset):
     """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
     function of ``(seed, rank, e, k)``, so a stream can restart at any batch. With fixed
     ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together.
-    With a ``coupling``, each batch is re-paired by it (drawing from the batch's generator) and
-    marked ``"paired": True``. Loader workers split the batches round-robin, in order."""
+    With an ``objective``, each batch is its drawn regression problem instead (the fields of a
+    ``PathSample``: ``t, x0, x1, xt, ut``), with the batch's generator. Loader workers split
+    the batches round-robin, in order."""
 
     def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int,
                  pairs: tuple[Tensor, Tensor] | None = None) -> None:
         self.source, self.target, self.pairs = source, target, pairs
         self.batch_size, self.length, self.seed = batch_size, length, seed
         self.rank, self.epoch, self.start = 0, 0, 0
-        self.coupling: Any = None
+        self.objective: Any = None
 
     def __len__(self) -> int:
         return self.length
@@ -413,16 +414,18 @@ class _PairStream(IterableDataset):
                 x0, x1 = self.pairs[0][idx], self.pairs[1][idx]
             else:
                 x0, x1 = self.source.sample(self.batch_size, gen), self.target.sample(self.batch_size, gen)
-            batch: dict[str, Any] = {}
-            if self.coupling is not None:
-                x0, x1, _ = self.coupling(x0, x1, generator=gen)
-                batch["paired"] = True
+            batch = {"x0": x0, "x1": x1} if self.objective is None else vars(self.objective.draw(x0, x1, generator=gen)[0])
             # As numpy: a worker hands arrays over ~10x cheaper than tensors (no shared memory).
-            yield {"x0": x0.numpy(), "x1": x1.numpy(), **batch}
+            yield {k: v.numpy() for k, v in batch.items()}
 
 
 def _as_is(batch: Any) -> Any:
     return batch
+
+
+# Lightning warns about every IterableDataset with a length that loader workers might
+# duplicate data; _PairStream splits its batches between workers, so the length is exact.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class _StreamLoader(DataLoader):
@@ -459,14 +462,14 @@ class ToyDataModule(L.LightningDataModule):
             instead of independent source and target samples (train it with the independent
             coupling, ``flow=icfm``). ``source`` stays the model's source and ``target`` the
             reference of ``val/w2``.
-        num_workers: loader worker processes. Workers draw the batches *and pair them* with the
-            model's coupling (minibatch OT) while the main process trains, so OT costs no
-            training time as long as a core is free. 0 does everything in the main process; the
-            batches are the same either way.
+        num_workers: loader worker processes. Workers draw the batches *and their regression
+            problem* (minibatch OT pairing, ``t``, noise, ``x_t`` and ``u_t``) while the main
+            process trains, so none of it costs training time as long as a core is free. 0 does
+            everything in the main process; the batches are the same either way.
 
-    Training batches are paired in the loader by :attr:`coupling`: the one given, else the
-    coupling of the trainer's model (``model.flow.coupling``), except one that gathers the
-    global batch across ranks, which stays in the training step.
+    Training batches are drawn in the loader by :attr:`objective`: the one given, else the
+    trainer's model's (``model.flow``), except one whose coupling gathers the global batch
+    across ranks, which stays in the training step.
 
     The target's spec is saved in the checkpoint (``datamodule_hyper_parameters["target"]``), so
     that ``fm-eval`` finds the data a checkpoint was trained on.
@@ -490,7 +493,7 @@ class ToyDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
-        self.coupling: Any = None
+        self.objective: Any = None
         self.source = make_distribution(source, dim=dim)
         self.target = make_distribution(target, dim=dim)
         if self.source.dim != self.target.dim:
@@ -542,17 +545,16 @@ class ToyDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._train.epoch, self._train.start = divmod(int(state["batches_consumed"]), self.steps_per_epoch)
 
-    def _loader_coupling(self) -> Any:
-        """:attr:`coupling`, else the trainer's model's, unless it must see the global batch."""
-        coupling = self.coupling
-        if coupling is None and self.trainer is not None:
-            module = getattr(self.trainer, "lightning_module", None)
-            coupling = getattr(getattr(module, "flow", None), "coupling", None)
+    def _loader_objective(self) -> Any:
+        """:attr:`objective`, else the trainer's model's, unless it must see the global batch."""
+        objective = self.objective
+        if objective is None and self.trainer is not None:
+            objective = getattr(getattr(self.trainer, "lightning_module", None), "flow", None)
         world = self.trainer.world_size if self.trainer is not None else 1
-        return None if getattr(coupling, "global_batch", False) and world > 1 else coupling
+        return None if getattr(getattr(objective, "coupling", None), "global_batch", False) and world > 1 else objective
 
     def train_dataloader(self) -> DataLoader:
-        self._train.coupling = self._loader_coupling()
+        self._train.objective = self._loader_objective()
         return _StreamLoader(self._train, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -306,7 +306,8 @@ class SampleCallback(L.Callback):
             return sol.x.cpu(), float(sol.nfe)
 
         with model_weights(trainer, pl_module, self.use_ema):
-            rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, target)})
+            rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, target)},
+                             progress=trainer.progress_bar_callback is not None)
         _, png = write_sweep(rows, trainer.default_root_dir, "w2")
         log_image(trainer, "samples/nfe_sweep", png)
         log_sweep_table(trainer.loggers, rows, key="samples/nfe_sweep")

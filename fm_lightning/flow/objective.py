@@ -58,23 +58,23 @@ class CFMObjective:
             self.coupling.reg = 2 * path.sigma**2
 
     def draw(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        cond: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        paired: bool = False,
+        self, x0: Tensor, x1: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[PathSample, Tensor | None]:
-        """Pair (unless ``paired``: the batch already went through this coupling), draw ``t``
-        and ``eps``, and sample the path. Shapes (B, *shape)."""
-        if not paired:
-            x0, x1, cond = self.coupling(x0, x1, cond, generator=generator)
+        """Pair, draw ``t`` and ``eps``, and sample the path: everything but the net, so a
+        data loader can do it (``ToyDataModule`` does). Shapes (B, *shape)."""
+        x0, x1, cond = self.coupling(x0, x1, cond, generator=generator)
         t = self.time_sampler(x1.shape[0], device=x1.device, generator=generator)
         if generator is None:
             eps = torch.randn_like(x1)
         else:
             eps = torch.randn(x1.shape, generator=generator, device=generator.device, dtype=x1.dtype).to(x1.device)
         return self.path.sample(x0, x1, t, eps), cond
+
+    def regress(self, net: Velocity, sample: PathSample, cond: Tensor | None = None) -> CFMLoss:
+        """The loss of ``net(x, t, cond)`` on a drawn sample; the target and reduction stay fp32."""
+        v = net(sample.xt, sample.t, cond) if cond is not None else net(sample.xt, sample.t)
+        per_sample = (v.float() - sample.ut.float()).square().flatten(1).mean(1)
+        return CFMLoss(loss=per_sample.mean(), per_sample=per_sample, sample=sample, cond=cond)
 
     def __call__(
         self,
@@ -83,15 +83,10 @@ class CFMObjective:
         x1: Tensor,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
-        paired: bool = False,
     ) -> CFMLoss:
-        """Evaluate the loss of ``net(x, t, cond)``; the regression target and reduction stay fp32.
-        ``paired``: ``(x0, x1)`` were already paired by this objective's coupling (see
-        ``ToyDataModule``, which pairs in its loader)."""
-        sample, cond = self.draw(x0, x1, cond, generator, paired)
-        v = net(sample.xt, sample.t, cond) if cond is not None else net(sample.xt, sample.t)
-        per_sample = (v.float() - sample.ut.float()).square().flatten(1).mean(1)
-        return CFMLoss(loss=per_sample.mean(), per_sample=per_sample, sample=sample, cond=cond)
+        """Draw (:meth:`draw`) and evaluate the loss (:meth:`regress`)."""
+        sample, cond = self.draw(x0, x1, cond, generator)
+        return self.regress(net, sample, cond)
 
     def __repr__(self) -> str:
         return f"CFMObjective(path={self.path}, coupling={self.coupling}, time_sampler={self.time_sampler})"

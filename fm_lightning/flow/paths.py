@@ -7,7 +7,7 @@ Every path draws ``x_t = mu_t(x0, x1) + sigma_t * eps`` and returns the target
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -24,6 +24,11 @@ class PathSample:
     x1: Tensor
     xt: Tensor
     ut: Tensor
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PathSample":
+        """The sample stored in a dict (such as a batch) under the field names."""
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:

@@ -321,25 +321,31 @@ def test_loader_workers_give_the_same_stream_in_order(workers):
     assert torch.equal(_batches(resumed)[0]["x1"], b[3]["x1"])
 
 
-def test_loader_pairs_batches_with_the_coupling():
+def test_loader_draws_the_regression_problem_with_the_objective():
     from fm_lightning.flow.couplings import ExactOTCoupling, squared_cost
+    from fm_lightning.flow.objective import CFMObjective
+    from fm_lightning.flow.paths import ICFMPath
 
     kw = dict(source="gaussian", target="8gaussians", batch_size=32, steps_per_epoch=3, val_size=8, seed=0)
     raw = _batches(ToyDataModule(**kw, num_workers=0))
     dm = ToyDataModule(**kw, num_workers=1)
-    dm.coupling = ExactOTCoupling()
-    paired = _batches(dm)
-    for r, p in zip(raw, paired):
-        assert p["paired"] is True and "paired" not in r
-        # The same points, re-paired by a permutation that is the optimal assignment.
-        assert torch.equal(p["x0"].sort(0).values, r["x0"].sort(0).values)
-        assert torch.equal(p["x1"].sort(0).values, r["x1"].sort(0).values)
+    dm.objective = CFMObjective(ICFMPath(sigma=0.1), ExactOTCoupling())
+    drawn = _batches(dm)
+    for r, d in zip(raw, drawn):
+        assert set(r) == {"x0", "x1"} and set(d) == {"t", "x0", "x1", "xt", "ut"}
+        # The same points, re-paired by the optimal assignment.
+        assert torch.equal(d["x0"].sort(0).values, r["x0"].sort(0).values)
+        assert torch.equal(d["x1"].sort(0).values, r["x1"].sort(0).values)
         x0, x1, _ = ExactOTCoupling()(r["x0"], r["x1"])
-        assert torch.allclose(squared_cost(p["x0"], p["x1"]).diagonal().sum(), squared_cost(x0, x1).diagonal().sum())
-        assert squared_cost(p["x0"], p["x1"]).diagonal().sum() < squared_cost(r["x0"], r["x1"]).diagonal().sum()
+        assert torch.allclose(squared_cost(d["x0"], d["x1"]).diagonal().sum(), squared_cost(x0, x1).diagonal().sum())
+        # The I-CFM path: u_t = x1 - x0 and x_t within a few sigma of the straight line.
+        assert torch.allclose(d["ut"], d["x1"] - d["x0"])
+        t = d["t"][:, None]
+        resid = d["xt"] - (t * d["x1"] + (1 - t) * d["x0"])
+        assert 0.07 < resid.std() < 0.13 and ((0 <= d["t"]) & (d["t"] <= 1)).all()
 
 
-def test_trainer_pairs_in_the_loader_with_the_models_coupling(tmp_path):
+def test_trainer_draws_in_the_loader_with_the_models_objective(tmp_path):
     import lightning as L
 
     from fm_lightning.flow.couplings import ExactOTCoupling
@@ -352,7 +358,7 @@ def test_trainer_pairs_in_the_loader_with_the_models_coupling(tmp_path):
 
     class Spy(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(batch.get("paired", False))
+            seen.append(sorted(batch))
 
     for global_batch in (False, True):
         seen.clear()
@@ -362,6 +368,6 @@ def test_trainer_pairs_in_the_loader_with_the_models_coupling(tmp_path):
         trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Spy()])
         trainer.fit(model, datamodule=dm)
-        # In one process a global-batch coupling sees the whole batch too, so the loader pairs.
-        assert seen == [True] * 3
-        assert dm._loader_coupling() is flow.coupling
+        # In one process a global-batch coupling sees the whole batch too, so the loader draws.
+        assert seen == [["t", "ut", "x0", "x1", "xt"]] * 3
+        assert dm._loader_objective() is flow
