@@ -111,3 +111,30 @@ def test_compiled_training_runs_and_checkpoints_load_uncompiled(tiny_cfg, tmp_pa
     assert np.isfinite(metrics["train/loss"])
     model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert model.hparams.compile and not any("_orig_mod" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "cores", "expected"),
+    [
+        ([], None, 2, 1),  # the default loader worker takes one of two cores
+        (["data.num_workers=0"], None, 2, 2),
+        (["data.num_workers=0", "trainer=ddp_cpu"], None, 4, 2),  # two processes share four cores
+        ([], None, 1, 1),  # never below one
+        (["threads=3"], "1", 2, 3),  # explicit setting wins
+        ([], "1", 8, None),  # OMP_NUM_THREADS is respected: untouched
+    ],
+)
+def test_training_threads_leave_the_loader_workers_their_cores(monkeypatch, overrides, env, cores, expected):
+    from fm_lightning.train import _set_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    try:
+        _set_threads(compose_config(overrides))
+        assert torch.get_num_threads() == (before if expected is None else expected)
+    finally:
+        torch.set_num_threads(before)
