@@ -1,5 +1,5 @@
-"""Reliability: atomic checkpoints, full RNG state for exact resume, a non-finite guard, and
-safe checkpoint reading."""
+"""Reliability: atomic checkpoints, a last.ckpt that always holds the final step, full RNG state
+for exact resume, a non-finite guard, and safe checkpoint reading."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError", "read_checkpoint",
-           "find_last_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError",
+           "read_checkpoint", "find_last_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, plus: ``last.ckpt`` always holds the final step.
+
+    Lightning writes ``last.ckpt`` only next to an interval save (``every_n_train_steps``,
+    ``every_n_epochs``...) and, at fit end, only if nothing was ever saved. So a run whose
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` (1500 steps, a checkpoint every
+    1000) left ``last.ckpt`` at step 1000, and sampling, evaluation and resume used stale weights.
+    Here ``on_train_end`` also saves ``last.ckpt`` when the final global step was not saved yet.
+
+    - It is still a ``ModelCheckpoint``, so Lightning runs it after every other callback's
+      ``on_train_end`` (the EMA callback's swap at fit end: the file keeps the EMA weights in
+      ``state_dict`` and the raw ones in ``current_model_state``).
+    - Nothing is written on an exception path: Lightning calls ``on_train_end`` only when the
+      fit loop ends normally (max_steps/max_epochs reached, or ``trainer.should_stop``), never
+      after an exception (a :class:`NonFiniteError`, a crash, Ctrl-C), so ``last.ckpt`` then
+      keeps the last good checkpoint.
+    - Under DDP every rank takes the same decision (the global step is the same everywhere), so
+      every rank joins the save, as Lightning's collective ``trainer.save_checkpoint`` needs.
+    - With ``save_last="link"`` the final ``last.ckpt`` is a file, not a link to an older
+      top-k checkpoint.
+    - A resume from a finished run's ``last.ckpt`` trains nothing and writes nothing (Lightning
+      skips the fit loop, ``on_train_end`` included).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # saves last.ckpt if nothing was ever saved
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return  # off, nothing new since the last save (or not fitting, fast_dev_run, ...)
+        monitor_candidates = self._monitor_candidates(trainer)
+        if self.save_last == "link":  # a link would point at an older step: write a file instead
+            self._last_checkpoint_saved = ""
+            filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            if trainer.is_global_zero and os.path.islink(filepath):
+                os.remove(filepath)  # never write through the link into the top-k file it names
+            trainer.strategy.barrier()
+        self._save_last_checkpoint(trainer, monitor_candidates)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

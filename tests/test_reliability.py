@@ -1,14 +1,17 @@
-"""Non-finite guard and safe loading."""
+"""Non-finite guard, safe loading, and a last.ckpt that holds the final step."""
 
 from __future__ import annotations
 
 import os
 import pickle
 
+import lightning as L
+import pytest
 import torch
 
 from conftest import run_cli
 from fm_lightning.module import load_checkpoint
+from fm_lightning.reliability import ModelCheckpoint
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 POISON = ["debug=fast", "callbacks.model_checkpoint.every_n_train_steps=10", "+callbacks.poison._target_=poison.NaNBatchAtStep",
@@ -55,3 +58,34 @@ def test_a_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode != 0 and "refusing to load" in proc.stderr
     assert not marker.exists()
+
+
+class _RaiseAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected")
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_last_checkpoint_holds_the_final_step_but_is_not_written_on_an_exception(tmp_path, save_last):
+    """5 steps, a checkpoint every 2: last.ckpt holds step 5 (Lightning's own callback leaves it
+    at step 4); as a file, not a link to step 4's (whose file keeps step 4). A run that raises at
+    step 3 keeps last.ckpt at step 2."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def fit(dirpath, callbacks=()):
+        ckpt = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=2, save_top_k=-1, save_last=save_last)
+        trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=tmp_path, callbacks=[ckpt, *callbacks])
+        trainer.fit(BoringModel())
+
+    fit(tmp_path / "done")
+    last = tmp_path / "done/last.ckpt"
+    assert not last.is_symlink() and torch.load(last, weights_only=True)["global_step"] == 5
+    assert torch.load(tmp_path / "done/epoch=0-step=4.ckpt", weights_only=True)["global_step"] == 4
+    with pytest.raises(RuntimeError, match="injected"):
+        fit(tmp_path / "failed", [_RaiseAtStep(3)])
+    assert torch.load(tmp_path / "failed/last.ckpt", weights_only=True)["global_step"] == 2

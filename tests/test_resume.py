@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import run_cli
+from conftest import compose_config, run_cli
 from fm_lightning.reliability import RNGStateCallback
+from fm_lightning.train import run
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 # 60 steps over epochs of 25 batches, a checkpoint every 10 steps, losses logged every step,
@@ -144,6 +145,33 @@ def test_digits_sigkill_then_resume_mid_epoch_is_bitwise_identical(digits_run, t
     assert resumed_from == kill_step // 4 * 4 and resumed_from % DIGITS_EPOCH
     assert "dataloader is not resumable" not in log  # Lightning sees the loader as stateful
     assert_same_run(digits_run, tmp_path / "run", steps=20, ema=True)
+
+
+def test_last_ckpt_holds_the_final_step_and_a_resume_from_it_trains_nothing(tmp_path, monkeypatch):
+    """30 steps with a checkpoint every 20: Lightning's ModelCheckpoint left last.ckpt at step 20
+    (it writes last.ckpt only next to interval saves). It must hold step 30 and the weights the
+    module ends with (EMA on: the average in state_dict, the raw weights beside it); resuming
+    the finished run with ckpt_path=last trains and writes nothing."""
+    monkeypatch.syspath_prepend(HELPERS)
+    logs, final = tmp_path / "logs", tmp_path / "final.pt"
+    overrides = ["debug=fast", "trainer.max_steps=30", "+callbacks.ema._target_=fm_lightning.callbacks.EMA",
+                 "+callbacks.ema.decay=0.9", f"paths.log_dir={logs}"]
+    run_dir = logs / "train/runs/first"
+    cfg = compose_config([*overrides, "+callbacks.final._target_=final.SaveFinalWeights", f"+callbacks.final.path={final}"],
+                         run_dir)
+    assert run(cfg)["global_step"] == 30
+    last = run_dir / "checkpoints/last.ckpt"
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    ckpt, weights = torch.load(last, weights_only=True), torch.load(final, weights_only=True)
+    assert ckpt["global_step"] == 30 and int(ckpt["averaging_state"]["n_averaged"]) == 30
+    assert ckpt["state_dict"].keys() == weights.keys()
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in weights.items())  # the EMA weights
+    assert any(not torch.equal(ckpt["current_model_state"][k], v) for k, v in weights.items())  # the raw ones
+
+    before = last.read_bytes()
+    metrics = run(compose_config([*overrides, "ckpt_path=last"]))
+    assert metrics["global_step"] == 30 and last.read_bytes() == before
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
 class _Noisy(L.LightningModule):
