@@ -1,5 +1,5 @@
 """Reliability: atomic checkpoints, a last.ckpt that always holds the final step, full RNG state
-for exact resume, a non-finite guard, and safe checkpoint reading."""
+(per rank under DDP) for exact resume, a non-finite guard, and safe checkpoint reading."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .distributed import seed_rank
 
 __all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError",
            "read_checkpoint", "find_last_checkpoint"]
@@ -127,21 +131,51 @@ class RNGStateCallback(L.Callback):
       validation that was due at the saved step, which creates (and draws the seed of) the val
       loader's iterator.
 
+    Under DDP each rank has its own streams (``FlowMatchingModule`` reseeds rank r from
+    (seed, r) at fit start), and Lightning writes callback state from rank zero only. So when a
+    checkpoint is dumped (on every rank: ``trainer.save_checkpoint`` is collective), the states
+    of all ranks are gathered (``all_gather_object``) and stored under ``"ranks"``, a list
+    indexed by global rank; the top-level entries stay rank zero's (what older versions read).
+    On resume each rank takes its own. If the saved world size differs from the current one (or
+    a checkpoint without per-rank states is resumed under several processes), a warning is
+    given once and each rank is reseeded from (seed, rank) with
+    :func:`~fm_lightning.distributed.seed_rank` instead: different streams per rank, but not
+    those of an uninterrupted run. A single-process checkpoint holds exactly the one set of
+    states, as before. A checkpoint dumped on an exception path (``save_on_exception``,
+    ``OnExceptionCheckpoint``) may be dumped by the failing rank alone; it gathers nothing (no
+    collective the other ranks would never join) and a resume from it reseeds.
+
     Not covered: global-RNG draws made while the first resumed batch is *fetched* (random
     augmentations in a ``num_workers=0`` loader) happen before the restore. Data pipelines
     should draw from their own generators seeded from (seed, epoch, position), as
-    ``ToyDataModule`` and ``ImageDataModule`` do. Under DDP the checkpoint holds rank zero's
-    states (Lightning keeps callback state from rank zero only), so after a resume every rank
-    continues from those.
+    ``ToyDataModule`` and ``ImageDataModule`` do.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
         self._torch_state: torch.Tensor | None = None  # at the last training batch's end
         self._training_states: dict[str, Any] | None = None  # to put back when validation ends
+        self._world_size = 1  # the trainer's, known from setup
+        self._interrupted = False  # an exception is being handled: no collectives
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._world_size, self._interrupted = trainer.world_size, False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        # Called on the rank(s) that raised, before the checkpoint callbacks' on_exception (which
+        # may dump a checkpoint on this rank alone).
+        self._interrupted = True
 
     def state_dict(self) -> dict[str, Any]:
-        return self._collect()
+        state = self._collect()
+        if self._world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return state
+        ranks: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+        if self._interrupted:
+            ranks[dist.get_rank()] = state
+        else:
+            dist.all_gather_object(ranks, state)
+        return {**(ranks[0] or state), "ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Applied at the first training batch, so nothing that runs between restoring and
@@ -149,9 +183,27 @@ class RNGStateCallback(L.Callback):
         self._pending = state
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None:
-            self._restore(self._pending)
-            self._pending = None
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        ranks, world = state.get("ranks"), trainer.world_size
+        if ranks is None and world == 1:
+            self._restore(state)  # a single-process checkpoint, resumed in a single process
+            return
+        if ranks is not None and len(ranks) == world and all(r is not None for r in ranks):
+            self._restore(ranks[trainer.global_rank])  # each rank continues its own streams
+            return
+        if ranks is None:
+            saved = "the RNG states of one process"
+        elif any(r is None for r in ranks):
+            saved = "the RNG states of only some ranks (it was written on an exception)"
+        else:
+            saved = f"the RNG states of {len(ranks)} processes"
+        rank_zero_warn(
+            f"the checkpoint holds {saved} but this run has {world}; each rank is reseeded from (seed, rank) "
+            "instead, so the resumed run draws different noise than an uninterrupted one would"
+        )
+        seed_rank(trainer.global_rank)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Only the torch CPU state (a 5 KB copy, ~2 us): creating the val loader's iterator draws

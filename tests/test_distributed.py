@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -173,3 +174,86 @@ def test_gathered_ot_pairs_are_an_optimal_permutation_of_the_global_batch(tmp_pa
     best = min(itertools.permutations(range(6)), key=cost)
     pairing = dict(zip(src, tgt))
     assert abs(cost([pairing[i] for i in range(6)]) - cost(best)) < 1e-9
+
+
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
+
+
+def test_resume_under_ddp_gives_each_rank_its_own_rng_streams_back(tmp_path):
+    """Two gloo processes: a run resumed from its step-3 checkpoint draws, on each rank, what that
+    rank drew in the uninterrupted run (bitwise), and the two ranks draw different numbers.
+    Before, every rank resumed rank zero's streams (Lightning keeps callback state from rank 0)."""
+    script = os.path.join(HELPERS, "rng_ddp.py")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = run_cli(sys.executable, script, str(whole), "6", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = whole / "ckpt/epoch=0-step=3.ckpt"
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["RNGStateCallback"]
+    assert len(state["ranks"]) == 2 and not torch.equal(state["ranks"][0]["torch"], state["ranks"][1]["torch"])
+    assert torch.equal(state["torch"], state["ranks"][0]["torch"])  # top level: rank zero's, as before
+    proc = run_cli(sys.executable, script, str(resumed), "6", str(ckpt), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reseeded" not in proc.stderr
+    drawn = {(run, r): torch.load(run / f"draws-{r}.pt", weights_only=True) for run in (whole, resumed) for r in (0, 1)}
+    assert sorted(drawn[whole, 0]) == list(range(6)) and sorted(drawn[resumed, 0]) == [3, 4, 5]
+    for step in (3, 4, 5):
+        for rank in (0, 1):
+            assert torch.equal(drawn[resumed, rank][step], drawn[whole, rank][step]), (step, rank)
+        assert not torch.isclose(drawn[resumed, 0][step], drawn[resumed, 1][step]).any(), step
+
+
+def _rng_gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from fm_lightning.reliability import RNGStateCallback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        torch.manual_seed(rank)
+        cb = RNGStateCallback()
+        cb.setup(SimpleNamespace(world_size=world), None, "fit")
+        if rank == 1:  # an exception on rank 1 alone: a checkpoint dumped there must not wait for rank 0
+            cb.on_exception(None, None, RuntimeError("boom"))
+            alone = cb.state_dict()
+            assert alone["ranks"][0] is None and torch.equal(alone["ranks"][1]["torch"], torch.get_rng_state())
+            cb.setup(SimpleNamespace(world_size=world), None, "fit")  # a new fit
+        dist.barrier()
+        torch.save(cb.state_dict(), os.path.join(out_dir, f"state{rank}.pt"))  # both ranks: gathered
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rng_state_is_gathered_from_every_rank_but_not_on_an_exception_path(tmp_path):
+    mp.spawn(_rng_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"state{r}.pt", weights_only=True) for r in range(2)]
+    for rank in range(2):
+        torch.manual_seed(rank)
+        for state in states:
+            assert torch.equal(state["ranks"][rank]["torch"], torch.get_rng_state())
+
+
+def test_rng_state_from_another_world_size_reseeds_each_rank_with_a_warning(monkeypatch):
+    from types import SimpleNamespace
+
+    from fm_lightning.reliability import RNGStateCallback
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    cb = RNGStateCallback()
+    torch.manual_seed(123)
+    single = cb.state_dict()  # no process group: the single-process format, unchanged
+    assert "ranks" not in single
+    two_ranks = {**single, "ranks": [single, single]}
+    for state, world, rank in [(two_ranks, 1, 0), (single, 2, 1), (two_ranks, 3, 2)]:
+        cb.load_state_dict(state)
+        with pytest.warns(UserWarning, match=f"this run has {world}; each rank is reseeded"):
+            cb.on_train_batch_start(SimpleNamespace(world_size=world, global_rank=rank), None, None, 0)
+        drawn = torch.rand(3)
+        seed_rank(rank)
+        assert torch.equal(drawn, torch.rand(3))
+    cb.load_state_dict(single)  # single process: restored exactly, as before
+    cb.on_train_batch_start(SimpleNamespace(world_size=1, global_rank=0), None, None, 0)
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))
