@@ -377,7 +377,7 @@ def load_pairs(file: str, dim: int) -> tuple[Tensor, Tensor]:
 
 
 class _PairStream(IterableDataset):
-    """Yields ``{"x0": (B, d), "x1": (B, d)}`` batches; batch ``k`` of epoch ``e`` is a pure
+    """Yields ``{"x0": (B, d), "x1": (B, d)}`` numpy batches; batch ``k`` of epoch ``e`` is a pure
     function of ``(seed, rank, e, k)``, so a stream can restart at any batch. With fixed
     ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together.
     With an ``objective``, each batch is its drawn regression problem instead (the fields of a
@@ -394,7 +394,7 @@ class _PairStream(IterableDataset):
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         # Read the position now, not when the first batch is asked for: _StreamLoader moves
         # the main process's copy on as soon as an iterator exists. A (persistent) worker
         # moves its own copy.
@@ -405,7 +405,7 @@ class _PairStream(IterableDataset):
         self.epoch, self.start = epoch + 1, 0
         return self._batches(epoch, range(start + worker.id, self.length, worker.num_workers))
 
-    def _batches(self, epoch: int, ks: range) -> Iterator[dict[str, Tensor]]:
+    def _batches(self, epoch: int, ks: range) -> Iterator[dict[str, np.ndarray]]:
         gen = torch.Generator()
         for k in ks:
             gen.manual_seed(hash((self.seed, self.rank, epoch, k)) % (2**63))
@@ -439,10 +439,10 @@ class _StreamLoader(DataLoader):
         super().__init__(stream, batch_size=None, collate_fn=_as_is, generator=torch.Generator(),
                          num_workers=num_workers, persistent_workers=num_workers > 0)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         iterator = super().__iter__()
         self.dataset.epoch, self.dataset.start = self.dataset.epoch + 1, 0
-        return ({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in iterator)
+        return ({k: torch.from_numpy(v) for k, v in b.items()} for b in iterator)
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -491,7 +491,7 @@ class ToyDataModule(L.LightningDataModule):
         if batch_size < 1 or steps_per_epoch < 1 or val_size < 1:
             raise ValueError("batch_size, steps_per_epoch and val_size must all be >= 1")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ValueError(f"num_workers must be >= 0 (0 draws batches in the training process), got {num_workers}")
         self.num_workers = num_workers
         self.objective: Any = None
         self.source = make_distribution(source, dim=dim)
