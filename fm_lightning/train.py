@@ -94,7 +94,9 @@ def _set_threads(cfg: DictConfig) -> None:
         devices = cfg.trainer.get("devices")
         processes = devices if isinstance(devices, int) and devices > 0 else 1
         threads = max(1, cores // processes - int(cfg.data.get("num_workers") or 0))
-    torch.set_num_threads(int(threads))
+    if not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be a whole number >= 1 (or null for automatic), got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -74,6 +74,8 @@ CASES = {
     "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
     "source and target dims differ": (train("data.dim=3", "data.source=gaussian"), "they must match"),
     "zero batch size": (train("data.batch_size=0"), "must all be >= 1"),
+    "negative loader workers": (train("data.num_workers=-1"), "num_workers must be >= 0"),
+    "zero training threads": (train("threads=0"), "threads must be a whole number >= 1"),
     "batch not divisible by accumulation": (train("data.batch_size=255", "trainer.accumulate_grad_batches=2"),
                                             "does not divide"),
     # configs: model and flow
@@ -81,6 +83,7 @@ CASES = {
     "SB path with sigma 0": (train("flow=sbcfm", "model.flow.path.sigma=0"), "needs sigma > 0"),
     "negative ICFM sigma": (train("flow=icfm", "model.flow.path.sigma=-1"), "sigma must be >= 0"),
     "negative Sinkhorn reg": (train("flow=sbcfm", "model.flow.coupling.reg=-1"), "reg must be > 0"),
+    "zero Sinkhorn tolerance": (train("flow=sbcfm", "+model.flow.coupling.tol=0"), "needs tol > 0"),
     "logit-normal std 0": (train("flow=rf", "model.flow.time_sampler.std=0"), "std must be > 0"),
     "unknown activation": (train("model.net.activation=swish"), "unknown activation 'swish'"),
     "warmup longer than training": (train("model.lr_scheduler.warmup_steps=1000"), "lower model.lr_scheduler"),
