@@ -6,13 +6,11 @@
 Part 1 times each piece of a step in CPU milliseconds (medians of interleaved repetitions):
 sampling the batch, the cost matrix (float64 ``torch.cdist`` as in ``squared_cost``, float32,
 numpy), the assignment (``scipy.optimize.linear_sum_assignment`` on float64 and float32 costs,
-POT ``ot.emd``, and ``ExactOTCoupling`` as shipped), and the net step (forward, backward, Adam)
-of the default net and of TorchCFM's 3x64 net.
+POT ``ot.emd``, our ``optimal_assignment``, and ``ExactOTCoupling`` as shipped), and the net
+step (forward, backward, Adam) of the default net and of TorchCFM's 3x64 net.
 
-Part 2 is a wall-clock A/B of a bare training loop: serial (pair, then step) vs overlapped
-(a worker thread solves the assignment of batch k+1 while the net trains on batch k; both
-scipy and POT release the GIL), and 1 vs 2 torch threads. On a shared machine wall-clock
-numbers depend on the other load; the ratios are from interleaved rounds.
+Part 2 times the three exact solvers at one batch size on the four classic 2-D tasks and on
+image-sized costs (64-d digits, 3072-d), and checks that they reach the same optimal cost.
 """
 
 from __future__ import annotations
@@ -20,13 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from datamodules.toy import make_distribution
+from fm_lightning.flow.assignment import optimal_assignment
 from fm_lightning.flow.couplings import ExactOTCoupling, squared_cost
 from fm_lightning.nets import MLP
 
@@ -69,6 +67,7 @@ def part1(batch_sizes: list[int], reps: int, rounds: int) -> None:
             "scipy LSA f64": (lambda: linear_sum_assignment(c64), n_slow),
             "scipy LSA f32": (lambda: linear_sum_assignment(c32), n_slow),
             "POT emd f64": (lambda: ot.emd(w, w, c64, numItermax=10_000_000), n_slow),
+            "optimal_assignment": (lambda: optimal_assignment(c64), n_slow),
             "ExactOTCoupling()": (lambda: ExactOTCoupling()(x0, x1), n_slow),
             "torchcfm OT sampler": (None, n_slow),
             "net 3x256 step": (lambda: net_step("net 3x256 step"), reps),
@@ -92,49 +91,34 @@ def part1(batch_sizes: list[int], reps: int, rounds: int) -> None:
         print(f"| {b} | " + " | ".join(f"{statistics.median(res[k]):.2f}" for k in header) + " |", flush=True)
 
 
-def _loop(net, opt, batches, coupling, overlap: bool, pool: ThreadPoolExecutor) -> float:
-    """Wall seconds to train on ``batches`` with OT pairing serial or one batch ahead in a thread."""
-    def pair(batch):
-        return coupling(*batch)[:2]
+def part2(batch: int, reps: int, rounds: int) -> None:
+    """The exact solvers on the four classic 2-D tasks and on image-sized costs, checked to
+    reach the same optimal cost."""
+    import ot
+    from sklearn.datasets import load_digits
 
-    t0 = time.perf_counter()
-    nxt = pool.submit(pair, batches[0]) if overlap else None
-    for k in range(len(batches)):
-        if overlap:
-            x0, x1 = nxt.result()
-            if k + 1 < len(batches):
-                nxt = pool.submit(pair, batches[k + 1])
-        else:
-            x0, x1 = pair(batches[k])
-        t = torch.rand(x0.shape[0])
-        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
-        opt.zero_grad()
-        (net(xt, t) - (x1 - x0)).square().mean().backward()
-        opt.step()
-    return time.perf_counter() - t0
-
-
-def part2(batch: int, steps: int, rounds: int, width: int) -> None:
-    source, target = make_distribution("8gaussians"), make_distribution("moons")
-    batches = [(source.sample(batch), target.sample(batch)) for _ in range(steps)]
-    coupling = ExactOTCoupling()
-    pool = ThreadPoolExecutor(1)
-    variants = {"serial, 1 thread": (False, 1), "overlapped, 1 thread": (True, 1),
-                "serial, 2 threads": (False, 2), "overlapped, 2 threads": (True, 2)}
-    wall = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, (overlap, threads) in variants.items():
-            torch.set_num_threads(threads)
-            net = MLP(2, width, 3)
-            wall[k].append(_loop(net, torch.optim.Adam(net.parameters(), 1e-3), batches, coupling, overlap, pool))
-    torch.set_num_threads(1)
-    base = wall["serial, 1 thread"]
-    print(f"\npart 2: bare OT-CFM loop, net 3x{width}, batch {batch}, {steps} steps, {rounds} interleaved rounds")
-    print("| variant | steps/s (wall, median) | speed vs serial 1-thread (median of per-round ratios) |")
-    print("| --- | ---: | ---: |")
-    for k, ws in wall.items():
-        print(f"| {k} | {steps / statistics.median(ws):.1f} | "
-              f"{statistics.median(b / w for b, w in zip(base, ws)):.2f} |")
+    digits = torch.tensor(load_digits().data, dtype=torch.float32) / 8 - 1
+    gen = torch.Generator().manual_seed(0)
+    cases = {f"{s} -> {t}": (make_distribution(s).sample(batch, gen), make_distribution(t).sample(batch, gen))
+             for s, t in [("gaussian", "8gaussians"), ("moons", "8gaussians"), ("gaussian", "moons"),
+                          ("gaussian", "scurve"), ("8gaussians", "moons")]}
+    cases["N(0, I) -> digits (d=64)"] = (torch.randn(batch, 64, generator=gen),
+                                          digits[torch.randint(len(digits), (batch,), generator=gen)])
+    cases["N(0, I) -> U(-1, 1) (d=3072)"] = (torch.randn(batch, 3072, generator=gen),
+                                             torch.rand(batch, 3072, generator=gen) * 2 - 1)
+    w = np.full(batch, 1.0 / batch)
+    print(f"\npart 2: exact assignment, B={batch}, CPU ms per call (median of rounds), 1 thread")
+    print("| costs | optimal_assignment | scipy LSA | POT emd | speed-up vs best other | same optimum |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, (x0, x1) in cases.items():
+        cost = squared_cost(x0, x1).numpy()
+        solvers = {"ours": lambda: optimal_assignment(cost), "lsa": lambda: linear_sum_assignment(cost)[1],
+                   "emd": lambda: ot.emd(w, w, cost, numItermax=10_000_000).argmax(1)}
+        res = {k: statistics.median(cpu_ms(fn, reps) for _ in range(rounds)) for k, fn in solvers.items()}
+        totals = [cost[np.arange(batch), fn()].sum() for fn in solvers.values()]
+        same = all(np.isclose(t, totals[0], rtol=1e-12, atol=0) for t in totals)
+        print(f"| {name} | {res['ours']:.2f} | {res['lsa']:.2f} | {res['emd']:.2f} | "
+              f"{min(res['lsa'], res['emd']) / res['ours']:.1f}x | {same} |", flush=True)
 
 
 def main() -> None:
@@ -142,14 +126,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--reps", type=int, default=50, help="calls per timing (fewer for B >= 512 solvers)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--overlap-steps", type=int, default=200, help="steps per part-2 run (0 skips part 2)")
-    parser.add_argument("--overlap-batch", type=int, default=256)
-    parser.add_argument("--overlap-width", type=int, default=256)
+    parser.add_argument("--solver-batch", type=int, default=256, help="batch of part 2 (0 skips it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     part1(args.batch_sizes, args.reps, args.rounds)
-    if args.overlap_steps:
-        part2(args.overlap_batch, args.overlap_steps, args.rounds, args.overlap_width)
+    if args.solver_batch:
+        part2(args.solver_batch, args.reps, args.rounds)
 
 
 if __name__ == "__main__":

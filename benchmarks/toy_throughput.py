@@ -3,6 +3,7 @@ loop over the same objects vs TorchCFM's tutorial loop.
 
     python benchmarks/toy_throughput.py                  # ~2-3 min on 2 idle cores
     python benchmarks/toy_throughput.py --steps 100 --rounds 2 --threads 2
+    python benchmarks/toy_throughput.py data.num_workers=2 --flows otcfm
 
 (a) **trainer**: configs composed from ``configs/train.yaml`` (callbacks and logger off, no
     validation) and fitted by ``lightning.Trainer``; the rate is measured by a no-op timing
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every loop")
     parser.add_argument("--flows", nargs="+", default=["otcfm", "icfm"], choices=["otcfm", "icfm"])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for our runs, e.g. data.num_workers=2")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -129,7 +131,7 @@ def main() -> None:
     cases = []
     for flow in args.flows:
         for net_name, net_ovr in (("default", []), ("3x64", SMALL_NET)):
-            ovr = [f"flow={flow}", *net_ovr]
+            ovr = [f"flow={flow}", *net_ovr, *args.overrides]
             cases.append(((flow, net_name, "trainer"), lambda o=ovr: trainer_rate(o, args.warmup, args.steps, out)))
             cases.append(((flow, net_name, "bare"), lambda o=ovr: bare_rate(o, args.warmup, args.steps, out)))
         cases.append(((flow, "3x64", "torchcfm"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["per_device_batch_size", "seed_rank", "check_devices"]
+__all__ = ["per_device_batch_size", "seed_rank", "check_devices", "skip_nvml_check_without_nvml"]
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
@@ -71,3 +72,17 @@ def check_devices(accelerator: str | None, devices: int | str | list | None, pre
         raise ValueError(
             f"precision={precision} (fp16) is not supported on the CPU; use trainer.precision=bf16-mixed or 32"
         )
+
+
+def skip_nvml_check_without_nvml() -> None:
+    """Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that CUDA availability checks go
+    through NVML and do not initialise CUDA before a fork. Where the NVML library is missing (no
+    NVIDIA driver), torch falls back to the CUDA runtime check anyway, but only after a failed
+    ``dlopen`` that it repeats at every Adam/AdamW step (0.03-0.1 ms; a few percent of a small
+    net's step). There the variable is set to ``0``: the same answers, without the ``dlopen``."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"

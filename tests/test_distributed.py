@@ -257,3 +257,26 @@ def test_rng_state_from_another_world_size_reseeds_each_rank_with_a_warning(monk
     drawn = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(drawn, torch.rand(3))
+
+
+@pytest.mark.parametrize("nvml_loads", [True, False])
+def test_nvml_check_dropped_only_where_nvml_is_missing(monkeypatch, nvml_loads):
+    """Without the NVML library torch's NVML route only adds a failing dlopen per optimizer
+    step, so it is turned off; with NVML (a GPU driver) Lightning's fork-safe setting stays."""
+    import ctypes
+
+    from fm_lightning.distributed import skip_nvml_check_without_nvml
+
+    def cdll(name):
+        assert name == "libnvidia-ml.so.1"
+        if not nvml_loads:
+            raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    skip_nvml_check_without_nvml()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == ("1" if nvml_loads else "0")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")  # a user's own choice is kept
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: None)
+    skip_nvml_check_without_nvml()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"

@@ -14,8 +14,9 @@ import logging
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from .assignment import optimal_assignment
 
 __all__ = ["Coupling", "IndependentCoupling", "ExactOTCoupling", "SinkhornOTCoupling", "squared_cost"]
 
@@ -90,36 +91,11 @@ class IndependentCoupling(Coupling):
         return x0, x1, cond
 
 
-#: Up to this many dimensions, exact OT is solved with POT's network simplex (``ot.emd``).
-#: Measured on one CPU thread (benchmarks/profile_otcfm.py), B=256: 2-D toy costs take
-#: ~9 ms with ``linear_sum_assignment`` and ~5 ms with ``ot.emd`` (B=512: 57 vs 27 ms), while
-#: high-dimensional costs (images, d >= 16) are 3x faster with ``linear_sum_assignment``.
-EMD_MAX_DIM = 4
-
-
-def _assignment(cost: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal permutation ``(rows, cols)`` of a square float64 cost matrix."""
-    n = cost.shape[0]
-    if dim <= EMD_MAX_DIM and n > 1:
-        import ot
-
-        w = np.full(n, 1.0 / n)
-        plan, info = ot.emd(w, w, cost, numItermax=10_000_000, log=True)
-        cols = plan.argmax(1)
-        # A vertex of the assignment polytope is a permutation; keep it only when it is one.
-        if info["result_code"] == 1 and np.array_equal(np.sort(cols), np.arange(n)):
-            if np.allclose(plan[np.arange(n), cols], 1.0 / n):
-                return np.arange(n), cols
-    return linear_sum_assignment(cost)
-
-
 class ExactOTCoupling(Coupling):
     """Exact minibatch OT: the optimal assignment under squared Euclidean cost.
 
-    Every source and every target point is used exactly once (a permutation). Low-dimensional
-    points (``d <= EMD_MAX_DIM``) are solved with POT's network simplex (``ot.emd``), which is
-    faster there; others with the Jonker-Volgenant algorithm
-    (``scipy.optimize.linear_sum_assignment``). Both are exact.
+    Every source and every target point is used exactly once (a permutation), solved exactly by
+    :func:`~fm_lightning.flow.assignment.optimal_assignment`.
 
     Under DDP each rank solves OT on its own minibatch by default. With ``global_batch=True``
     the batches of all ranks are gathered, OT is solved on the global batch, and each rank
@@ -139,8 +115,8 @@ class ExactOTCoupling(Coupling):
             log.warning("ExactOTCoupling got non-finite samples; keeping this batch's pairs as given")
             ar = torch.arange(x0.shape[0], device=x0.device)
             return ar, ar
-        rows, cols = _assignment(cost, x0[0].numel())
-        return torch.as_tensor(rows, device=x0.device), torch.as_tensor(cols, device=x1.device)
+        cols = optimal_assignment(cost)
+        return torch.arange(x0.shape[0], device=x0.device), torch.as_tensor(cols, device=x1.device)
 
 
 #: Epsilon-scaling in :func:`_entropic_plan`: each stage multiplies the regularisation by

@@ -1,0 +1,162 @@
+"""Exact linear assignment (the optimal permutation of a square cost matrix), compiled.
+
+Minibatch OT between B points with uniform weights is an assignment problem. This solver
+is an epsilon-scaling auction (Bertsekas 1988) that brings the column prices close to the
+optimal duals, then Jonker-Volgenant shortest augmenting paths (as in
+``scipy.optimize.linear_sum_assignment``) from those duals, which makes the permutation
+exactly optimal. The auction's near-optimal prices leave the augmenting paths short.
+
+On 2-D toy costs at B = 256 (``benchmarks/profile_otcfm.py``) it takes about 2 ms on one
+thread, against 4-5 ms for POT's network simplex and 8-12 ms for scipy's solver from zero
+duals. The loops are compiled with numba (``cache=True``: the first call of a fresh install
+compiles for a few seconds, later processes load the cache).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["optimal_assignment"]
+
+#: Auction schedule, relative to the cost range: epsilon starts at ``EPS_START``, shrinks by
+#: ``EPS_FACTOR`` per stage and ends at ``EPS_END`` (tuned on the 2-D tasks and on image costs).
+EPS_START, EPS_END, EPS_FACTOR = 3e-2, 1e-5, 0.2
+
+
+def optimal_assignment(cost: np.ndarray) -> np.ndarray:
+    """The permutation ``cols`` minimising ``sum_i cost[i, cols[i]]``.
+
+    Args:
+        cost: (B, B) finite costs.
+
+    Returns:
+        (B,) int64 column of each row: a permutation of ``0 .. B-1``.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"optimal_assignment needs a square cost matrix, got shape {cost.shape}")
+    if not np.isfinite(cost).all():
+        raise ValueError("optimal_assignment needs finite costs")
+    n = cost.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    # Row constants do not change the optimum. Scaling to [0, 1] keeps every price increment
+    # (at least EPS_END) far above float64 rounding, whatever the units of the costs.
+    cost = cost - cost.min(1, keepdims=True)
+    scale = cost.max()
+    if scale == 0.0:  # every permutation costs the same
+        return np.arange(n, dtype=np.int64)
+    cost = np.ascontiguousarray(cost / scale)
+    price = np.zeros(n)
+    col4row = _auction(cost, price, EPS_START, EPS_END, EPS_FACTOR)
+    return _augment(cost, -price, col4row)
+
+
+@numba.njit(cache=True, nogil=True)
+def _auction(cost, price, eps, eps_end, factor):  # pragma: no cover - compiled
+    """Forward auction with epsilon-scaling (minimisation form). Row ``i`` bids for the column
+    minimising ``cost[i, j] + price[j]`` and raises its price by the margin over the second
+    best plus ``eps``. ``price`` (B,) is updated in place; returns each row's column (B,)."""
+    n = cost.shape[0]
+    owner = np.empty(n, np.int64)
+    col4row = np.empty(n, np.int64)
+    free = np.empty(n, np.int64)
+    while True:
+        owner[:] = -1
+        col4row[:] = -1
+        for i in range(n):
+            free[i] = n - 1 - i
+        top = n
+        while top > 0:
+            top -= 1
+            i = free[top]
+            best, second, jbest = np.inf, np.inf, -1
+            for j in range(n):
+                value = cost[i, j] + price[j]
+                if value < best:
+                    second, best, jbest = best, value, j
+                elif value < second:
+                    second = value
+            price[jbest] += second - best + eps
+            evicted = owner[jbest]
+            if evicted >= 0:
+                col4row[evicted] = -1
+                free[top] = evicted
+                top += 1
+            owner[jbest] = i
+            col4row[i] = jbest
+        if eps <= eps_end:
+            return col4row
+        eps = max(eps * factor, eps_end)
+
+
+@numba.njit(cache=True, nogil=True)
+def _augment(cost, v, col4row):  # pragma: no cover - compiled
+    """Jonker-Volgenant finish. With column duals ``v`` (B,) and row duals
+    ``u_i = min_j cost[i, j] - v[j]``, all reduced costs ``cost - u - v`` are >= 0. Pairs of
+    ``col4row`` that are tight are kept; each other row is assigned along a shortest augmenting
+    path in reduced costs (Dijkstra), which keeps the duals feasible and the kept pairs tight.
+    At the end every pair is tight, so the permutation is optimal."""
+    n = cost.shape[0]
+    u = np.empty(n)
+    row4col = np.full(n, -1, np.int64)
+    for i in range(n):
+        low = np.inf
+        for j in range(n):
+            low = min(low, cost[i, j] - v[j])
+        u[i] = low
+        j = col4row[i]
+        if cost[i, j] - u[i] - v[j] > 0.0:
+            col4row[i] = -1
+        else:
+            row4col[j] = i
+    shortest = np.empty(n)
+    path = np.empty(n, np.int64)
+    todo = np.empty(n, np.int64)
+    row_done = np.empty(n, np.bool_)
+    col_done = np.empty(n, np.bool_)
+    for start in range(n):
+        if col4row[start] >= 0:
+            continue
+        shortest[:] = np.inf
+        row_done[:] = False
+        col_done[:] = False
+        for j in range(n):
+            todo[j] = j
+        remaining, dist, i, sink = n, 0.0, start, -1
+        while sink < 0:
+            row_done[i] = True
+            low, pick = np.inf, -1
+            for k in range(remaining):
+                j = todo[k]
+                reduced = dist + cost[i, j] - u[i] - v[j]
+                if reduced < shortest[j]:
+                    path[j] = i
+                    shortest[j] = reduced
+                if shortest[j] < low or (shortest[j] == low and row4col[j] < 0):
+                    low, pick = shortest[j], k
+            dist = low
+            j = todo[pick]
+            col_done[j] = True
+            remaining -= 1
+            todo[pick] = todo[remaining]
+            if row4col[j] < 0:
+                sink = j
+            else:
+                i = row4col[j]
+        u[start] += dist
+        for i in range(n):
+            if row_done[i] and i != start:
+                u[i] += dist - shortest[col4row[i]]
+        for j in range(n):
+            if col_done[j]:
+                v[j] -= dist - shortest[j]
+        j = sink
+        while True:
+            i = path[j]
+            row4col[j] = i
+            col4row[i], j = j, col4row[i]
+            if i == start:
+                break
+    return col4row
