@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ACTIVATIONS"]
+__all__ = ["MLP", "ACTIVATIONS", "ExpLinear"]
+
+
+class _ExpLinearFunction(torch.autograd.Function):
+    """``scale * (x if x > 0 else alpha * (exp(x) - 1))`` (ELU, and SELU with its constants).
+
+    torch's CPU kernel uses ``expm1``, which its AVX-512 code runs ~10x slower than ``exp``
+    (256x256 float32: 0.57 ms against 0.06 ms), so SELU took a third of the default MLP's step.
+    ``exp(x) - 1`` differs from ``expm1`` by < 2e-7 absolute. The backward is torch's own."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, alpha: float, scale: float) -> Tensor:
+        neg = x.clamp(max=0)
+        return (x - neg).mul_(scale).add_(torch.exp(neg).sub_(1).mul_(alpha * scale))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.alpha, ctx.scale = inputs[1], inputs[2]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.elu_backward(grad, ctx.alpha, ctx.scale, 1.0, True, out), None, None
+
+
+class ExpLinear(nn.Module):
+    """ELU (``alpha=1, scale=1``) or SELU (its default constants) with the fast CPU path of
+    :class:`_ExpLinearFunction`; other devices use torch's kernel."""
+
+    def __init__(self, alpha: float = 1.6732632423543772, scale: float = 1.0507009873554805) -> None:
+        super().__init__()
+        self.alpha, self.scale = alpha, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            return _ExpLinearFunction.apply(x, self.alpha, self.scale)
+        return torch.ops.aten.elu(x, self.alpha, self.scale, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, scale={self.scale}"
+
 
 Activation = Literal["selu", "silu", "relu", "gelu", "tanh", "elu"]
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "selu": nn.SELU, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU,
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "selu": ExpLinear, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
+    "elu": functools.partial(ExpLinear, alpha=1.0, scale=1.0),
 }
 
 
