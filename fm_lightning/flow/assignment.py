@@ -6,8 +6,8 @@ optimal duals, then Jonker-Volgenant shortest augmenting paths (as in
 ``scipy.optimize.linear_sum_assignment``) from those duals, which makes the permutation
 exactly optimal. The auction's near-optimal prices leave the augmenting paths short.
 
-On 2-D toy costs at B = 256 (``benchmarks/profile_otcfm.py``) it takes about 2 ms on one
-thread, against 4-5 ms for POT's network simplex and 8-12 ms for scipy's solver from zero
+On 2-D toy costs at B = 256 (``benchmarks/profile_otcfm.py``) it takes 2-3.5 ms on one
+thread, against 4.4-5.4 ms for POT's network simplex and 7-13 ms for scipy's solver from zero
 duals. The loops are compiled with numba (``cache=True``: the first call of a fresh install
 compiles for a few seconds, later processes load the cache).
 """
