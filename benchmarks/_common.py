@@ -149,10 +149,11 @@ def evaluate(velocity, source, target, n: int = 2000, repeats: int = 3, seed: in
     return {"w2": mean(w2), "floor": mean(floor), "nfe": round(mean(nfe)), "w2_draws": w2, "nfe_draws": nfe}
 
 
-def bare_train(cfg: DictConfig, seed_everything: bool = True):
+def bare_train(cfg: DictConfig, seed_everything: bool = True, warmup: int = 0):
     """Train the composed net/objective/optimizer/schedule on the composed data stream for
     ``cfg.trainer.max_steps`` steps with a plain loop (what ``Trainer.fit`` does, minus
-    Lightning). Returns ``(net, datamodule, cpu_seconds_per_step)``."""
+    Lightning). Returns ``(net, datamodule, wall_s, cpu_s)``, the :class:`Clock` from step
+    ``warmup`` to the end, read while the loader's workers are alive (their CPU not counted)."""
     import hydra
     import lightning as L
 
@@ -165,10 +166,11 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True):
     scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer) if cfg.model.get("lr_scheduler") else None
     datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
     loader = datamodule.train_dataloader()
-    total, done = int(cfg.trainer.max_steps), 0
-    clock = Clock()
+    total, done, clock = int(cfg.trainer.max_steps), 0, None
     while done < total:
         for batch in loader:
+            if done == warmup:
+                clock = Clock()
             loss = flow.regress(net, PathSample.from_dict(batch)).loss
             optimizer.zero_grad()
             loss.backward()
@@ -178,4 +180,4 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True):
             done += 1
             if done == total:
                 break
-    return net.eval(), datamodule, clock.cpu / total
+    return net.eval(), datamodule, clock.wall, clock.cpu

@@ -34,8 +34,7 @@ import hydra
 import lightning as L
 import torch
 
-from _common import Clock, TorchCFMRecipe, compose_train
-from fm_lightning.flow.paths import PathSample
+from _common import Clock, TorchCFMRecipe, bare_train, compose_train
 
 QUIET_TRAINER = [
     "callbacks=none", "logger=none",
@@ -74,28 +73,9 @@ def trainer_rate(overrides: list[str], warmup: int, steps: int, out: str) -> tup
 
 def bare_rate(overrides: list[str], warmup: int, steps: int, out: str) -> tuple[float, float]:
     """Steps per (wall, CPU) second of a plain loop over the composed net/objective/data."""
-    cfg = compose_train([*overrides, "model.lr_scheduler.total_steps=100000"], out)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model.net)
-    flow = hydra.utils.instantiate(cfg.model.flow)
-    optimizer = hydra.utils.instantiate(cfg.model.optimizer)(net.parameters())
-    scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer)
-    datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
-    loader = datamodule.train_dataloader()
-    done, clock = 0, None
-    while done < warmup + steps:
-        for batch in loader:
-            if done == warmup:
-                clock = Clock()
-            loss = flow.regress(net, PathSample.from_dict(batch)).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            done += 1
-            if done == warmup + steps:
-                break
-    return steps / clock.wall, steps / clock.cpu
+    cfg = compose_train([*overrides, f"trainer.max_steps={warmup + steps}", "model.lr_scheduler.total_steps=100000"], out)
+    _, _, wall, cpu = bare_train(cfg, seed_everything=False, warmup=warmup)
+    return steps / wall, steps / cpu
 
 
 def torchcfm_rate(flow: str, overrides: list[str], warmup: int, steps: int, out: str) -> tuple[float, float]:

@@ -382,15 +382,17 @@ class ImageDataModule(L.LightningDataModule):
         self.data_val = val
 
     # -- loaders -----------------------------------------------------------------------------
-    def _loader(self, data: Dataset, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, data: Dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        """A loader with the module's batch size and workers; worker seeds come from its own
+        generator, not the global RNG."""
+        return loader(
             data,
-            batch_size=batch_size or self.device_batch_size,
-            shuffle=False,
+            batch_size=self.device_batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),  # worker seeds without the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -398,16 +400,8 @@ class ImageDataModule(L.LightningDataModule):
         over ranks; resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         self.setup()
         sampler = EpochSampler(self.data_train, self._world_size, self._rank, self.seed, self.hflip)
-        return ResumableDataLoader(
-            _Flips(self.data_train),
-            batch_size=self.device_batch_size,
-            sampler=sampler,
-            drop_last=len(sampler) >= self.device_batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self._loader(_Flips(self.data_train), ResumableDataLoader, sampler=sampler,
+                            drop_last=len(sampler) >= self.device_batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
