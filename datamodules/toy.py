@@ -381,14 +381,16 @@ class _PairStream(IterableDataset):
     function of ``(seed, rank, e, k)``, so a stream can restart at any batch. With fixed
     ``pairs`` ``(x0, x1)`` (N, d) each batch draws B of them (with replacement), kept together.
     With an ``objective``, each batch is its drawn regression problem instead (the fields of a
-    ``PathSample``: ``t, x0, x1, xt, ut``), with the batch's generator. Loader workers split
-    the batches round-robin, in order."""
+    ``PathSample``: ``t, x0, x1, xt, ut``), with the batch's generator. The stream yields
+    chunks of up to ``chunk`` consecutive batches (each field stacked: (K, B, ...)), which
+    loader workers split round-robin, in order: the loader's per-item cost (index queue,
+    pickling, profiler record; ~0.3 ms) is paid once per chunk, not once per training step."""
 
     def __init__(self, source: Distribution, target: Distribution, batch_size: int, length: int, seed: int,
                  pairs: tuple[Tensor, Tensor] | None = None) -> None:
         self.source, self.target, self.pairs = source, target, pairs
         self.batch_size, self.length, self.seed = batch_size, length, seed
-        self.rank, self.epoch, self.start = 0, 0, 0
+        self.rank, self.epoch, self.start, self.chunk = 0, 0, 0, 16
         self.objective: Any = None
 
     def __len__(self) -> int:
@@ -400,10 +402,15 @@ class _PairStream(IterableDataset):
         # moves its own copy.
         epoch, start = self.epoch, self.start
         worker = get_worker_info()
-        if worker is None:
-            return self._batches(epoch, range(start, self.length))
-        self.epoch, self.start = epoch + 1, 0
-        return self._batches(epoch, range(start + worker.id, self.length, worker.num_workers))
+        chunks = range(start, self.length, self.chunk)
+        if worker is not None:
+            self.epoch, self.start = epoch + 1, 0
+            chunks = chunks[worker.id :: worker.num_workers]
+        return (self._chunk(epoch, range(c, min(c + self.chunk, self.length))) for c in chunks)
+
+    def _chunk(self, epoch: int, ks: range) -> dict[str, np.ndarray]:
+        batches = list(self._batches(epoch, ks))
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
     def _batches(self, epoch: int, ks: range) -> Iterator[dict[str, np.ndarray]]:
         gen = torch.Generator()
@@ -442,7 +449,15 @@ class _StreamLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         iterator = super().__iter__()
         self.dataset.epoch, self.dataset.start = self.dataset.epoch + 1, 0
-        return ({k: torch.from_numpy(v) for k, v in b.items()} for b in iterator)
+        return _unchunk(iterator)
+
+
+def _unchunk(chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, Tensor]]:
+    """The batches of each chunk of stacked fields (K, B, ...), as tensors (B, ...)."""
+    for chunk in chunks:
+        fields = {k: torch.from_numpy(v) for k, v in chunk.items()}
+        for i in range(len(next(iter(fields.values())))):
+            yield {k: v[i] for k, v in fields.items()}
 
 
 class ToyDataModule(L.LightningDataModule):

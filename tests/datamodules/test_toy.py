@@ -304,11 +304,13 @@ def test_datamodule_bad_sizes_raise(kw):
         ToyDataModule(**kw)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_loader_workers_give_the_same_stream_in_order(workers):
+@pytest.mark.parametrize("workers, chunk", [(1, 16), (2, 16), (2, 2), (3, 1)])
+def test_loader_workers_give_the_same_stream_in_order(workers, chunk):
+    """Any number of workers and any chunk size give the serial stream's batches, in order."""
     kw = dict(source="gaussian", target="moons", batch_size=16, steps_per_epoch=5, val_size=8, seed=3)
     serial = ToyDataModule(**kw, num_workers=0)
     parallel = ToyDataModule(**kw, num_workers=workers)
+    parallel._train.chunk = chunk
     for _epoch in range(2):  # each new iterator moves both streams to the next epoch
         a, b = _batches(serial), _batches(parallel)
         assert len(a) == len(b) == 5
@@ -317,8 +319,9 @@ def test_loader_workers_give_the_same_stream_in_order(workers):
             assert torch.equal(u["x0"], v["x0"]) and torch.equal(u["x1"], v["x1"])
     # Resuming mid-epoch restarts at the exact batch, with or without workers.
     resumed = ToyDataModule(**kw, num_workers=workers)
-    resumed._train.epoch, resumed._train.start = 1, 3
-    assert torch.equal(_batches(resumed)[0]["x1"], b[3]["x1"])
+    resumed._train.epoch, resumed._train.start, resumed._train.chunk = 1, 3, chunk
+    rest = _batches(resumed)
+    assert len(rest) == 2 and torch.equal(rest[0]["x1"], b[3]["x1"]) and torch.equal(rest[1]["x0"], b[4]["x0"])
 
 
 def test_loader_draws_the_regression_problem_with_the_objective():
