@@ -6,10 +6,12 @@ is imported as a sibling module of the script, so no path manipulation is needed
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -126,27 +128,51 @@ def make_points_file(path: str, n: int = 20_000, seed: int = 0) -> str:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def record_adaptive_steps() -> Iterator[list[tuple[float, float]]]:
+    """Diagnostics: while active, torchdyn's adaptive solvers append ``(dt, error_ratio)`` of
+    every attempted step to the yielded list (``error_ratio <= 1``: accepted)."""
+    import torchdyn.numerics.odeint  # noqa: F401 (the package re-exports a function of that name)
+
+    module = sys.modules["torchdyn.numerics.odeint"]
+    adapt_step, steps = module.adapt_step, []
+
+    def recording(dt, error_ratio, *args):
+        steps.append((round(float(dt), 4), round(float(error_ratio), 3)))
+        return adapt_step(dt, error_ratio, *args)
+
+    module.adapt_step = recording
+    try:
+        yield steps
+    finally:
+        module.adapt_step = adapt_step
+
+
 def evaluate(velocity, source, target, n: int = 2000, repeats: int = 3, seed: int = 0, atol: float = 1e-4,
              rtol: float = 1e-4) -> dict:
     """Sample quality from fixed seeds (common to every model), averaged over ``repeats`` draws:
     ``w2``: W2 of ``n`` generated vs ``n`` fresh target samples; ``floor``: W2 between two fresh
-    target sets of ``n`` (the finite-sample floor); ``nfe``: dopri5 function evaluations.
+    target sets of ``n`` (the finite-sample floor); ``nfe``: dopri5 function evaluations
+    (``dopri5_steps``: its attempted ``(dt, error_ratio)`` per draw).
     (One 2000-vs-2000 W2 on 8gaussians moves by +-0.1 with the mode counts of the draw; the
     mean of three draws is steadier.)"""
     from fm_lightning.flow.solve import odeint
     from fm_lightning.metrics import wasserstein2
 
-    w2, floor, nfe = [], [], []
+    w2, floor, nfe, steps = [], [], [], []
     for r in range(repeats):
         g = torch.Generator().manual_seed(10_000 + 100 * seed + r)
         x0 = source.sample(n, g)
         ref, ref2 = target.sample(n, g), target.sample(n, g)
-        sol = odeint(velocity, x0, "dopri5", atol=atol, rtol=rtol)
+        with record_adaptive_steps() as attempted:
+            sol = odeint(velocity, x0, "dopri5", atol=atol, rtol=rtol)
         w2.append(wasserstein2(sol.x, ref))
         floor.append(wasserstein2(ref2, ref))
         nfe.append(sol.nfe)
+        steps.append(attempted)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"w2": mean(w2), "floor": mean(floor), "nfe": round(mean(nfe)), "w2_draws": w2, "nfe_draws": nfe}
+    return {"w2": mean(w2), "floor": mean(floor), "nfe": round(mean(nfe)), "w2_draws": w2, "nfe_draws": nfe,
+            "dopri5_steps": steps}
 
 
 def bare_train(cfg: DictConfig, seed_everything: bool = True, warmup: int = 0):

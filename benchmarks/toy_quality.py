@@ -19,7 +19,9 @@ Both are evaluated identically with fixed seeds (``_common.evaluate``): W2 of 20
 2000 fresh target samples (``fm_lightning.metrics.wasserstein2``), the finite-sample floor (W2
 between two fresh target sets) and the NFE of dopri5 at atol=rtol=1e-4
 (``fm_lightning.flow.solve.odeint``), each the mean over 3 independent draws (a single
-2000-vs-2000 W2 on 8gaussians moves by +-0.1 with the mode counts of the draw).
+2000-vs-2000 W2 on 8gaussians moves by +-0.1 with the mode counts of the draw). dopri5's
+attempted steps ``(dt, error ratio)`` are printed and saved: NFE = 2 + 6 x steps, so one more
+NFE step can be a sliver left over just short of ``t = 1``.
 The table is printed and written to ``benchmarks/results/toy_quality.md`` (and ``.json``).
 """
 
@@ -101,6 +103,9 @@ def main() -> None:
                   f"{ours_t['wall_s']:.0f} s wall, {ours_t['cpu_s']:.0f} s CPU) | TorchCFM W2 {theirs['w2']:.3f} "
                   f"NFE {theirs['nfe']:3d} ({theirs_t['steps']} steps, {theirs_t['wall_s']:.0f} s wall, "
                   f"{theirs_t['cpu_s']:.0f} s CPU) | floor {ours['floor']:.3f}", flush=True)
+            for name, result in (("ours", ours), ("TorchCFM", theirs)):
+                for draw, steps in enumerate(result["dopri5_steps"], 1):
+                    print(f"    dopri5 (dt, error ratio), {name}, draw {draw}: {steps}")
 
     lines = [
         f"TorchCFM given the same {args.clock} time as our default run; torch threads={args.threads}. "

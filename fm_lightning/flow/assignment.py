@@ -36,21 +36,44 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"optimal_assignment needs a square cost matrix, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
-        raise ValueError("optimal_assignment needs finite costs")
     n = cost.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    # Row constants do not change the optimum. Scaling to [0, 1] keeps every price increment
-    # (at least EPS_END) far above float64 rounding, whatever the units of the costs.
-    cost = cost - cost.min(1, keepdims=True)
-    scale = cost.max()
+    cost, scale = _normalised(cost)
+    if not np.isfinite(scale):
+        raise ValueError("optimal_assignment needs finite costs")
     if scale == 0.0:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
-    cost = np.ascontiguousarray(cost / scale)
     price = np.zeros(n)
     col4row = _auction(cost, price, EPS_START, EPS_END, EPS_FACTOR)
     return _augment(cost, -price, col4row)
+
+
+@numba.njit(cache=True, nogil=True)
+def _normalised(cost):  # pragma: no cover - compiled
+    """``(cost - row minima) / scale`` (B, B) in [0, 1] and ``scale``, its largest entry before
+    scaling (``nan`` if a cost is not finite). Row constants do not change the optimum; the
+    [0, 1] range keeps every price increment (at least ``EPS_END``) far above float64
+    rounding, whatever the units of the costs. One compiled pass instead of five array ones."""
+    n = cost.shape[0]
+    out = np.empty((n, n))
+    scale = 0.0
+    for i in range(n):
+        low = np.inf
+        for j in range(n):
+            c = cost[i, j]
+            if not np.isfinite(c):
+                return out, np.nan
+            low = min(low, c)
+        for j in range(n):
+            out[i, j] = cost[i, j] - low
+            scale = max(scale, out[i, j])
+    if scale > 0.0:
+        inv = 1.0 / scale
+        for i in range(n):
+            for j in range(n):
+                out[i, j] *= inv
+    return out, scale
 
 
 @numba.njit(cache=True, nogil=True)
