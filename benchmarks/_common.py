@@ -127,7 +127,6 @@ def make_points_file(path: str, n: int = 20_000, seed: int = 0) -> str:
     return path
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def record_adaptive_steps() -> Iterator[list[tuple[float, float]]]:
     """Diagnostics: while active, torchdyn's adaptive solvers append ``(dt, error_ratio)`` of
@@ -148,6 +147,7 @@ def record_adaptive_steps() -> Iterator[list[tuple[float, float]]]:
         module.adapt_step = adapt_step
 
 
+@torch.no_grad()
 def evaluate(velocity, source, target, n: int = 2000, repeats: int = 3, seed: int = 0, atol: float = 1e-4,
              rtol: float = 1e-4) -> dict:
     """Sample quality from fixed seeds (common to every model), averaged over ``repeats`` draws:
@@ -183,6 +183,9 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True, warmup: int = 0):
     import hydra
     import lightning as L
 
+    from fm_lightning.distributed import skip_nvml_check_without_nvml
+
+    skip_nvml_check_without_nvml()  # as the Trainer's process does (fm_lightning.module)
     if seed_everything:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)

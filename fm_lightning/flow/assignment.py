@@ -41,7 +41,9 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     cost, scale = _normalised(cost)
     if not np.isfinite(scale):
-        raise ValueError("optimal_assignment needs finite costs")
+        raise ValueError(
+            "optimal_assignment needs finite costs, got NaN or inf; check the points for non-finite or overflowing values"
+        )
     if scale == 0.0:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
     price = np.zeros(n)

@@ -112,13 +112,12 @@ class ExactOTCoupling(Coupling):
         self.global_batch = bool(global_batch)
 
     def pair_indices(self, x0, x1, generator):
-        cost = squared_cost(x0, x1).cpu().numpy()
-        if not np.isfinite(cost).all():
+        if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
             # The loss will be non-finite too; the training loop's guard decides what happens.
             log.warning("ExactOTCoupling got non-finite samples; keeping this batch's pairs as given")
             ar = torch.arange(x0.shape[0], device=x0.device)
             return ar, ar
-        cols = optimal_assignment(cost)
+        cols = optimal_assignment(squared_cost(x0, x1).cpu().numpy())
         return torch.arange(x0.shape[0], device=x0.device), torch.as_tensor(cols, device=x1.device)
 
 
