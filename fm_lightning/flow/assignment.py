@@ -6,10 +6,13 @@ optimal duals, then Jonker-Volgenant shortest augmenting paths (as in
 ``scipy.optimize.linear_sum_assignment``) from those duals, which makes the permutation
 exactly optimal. The auction's near-optimal prices leave the augmenting paths short.
 
-On 2-D toy costs at B = 256 (``benchmarks/profile_otcfm.py``) it takes 2-3.5 ms on one
-thread, against 4.4-5.4 ms for POT's network simplex and 7-13 ms for scipy's solver from zero
-duals. The loops are compiled with numba (``cache=True``: the first call of a fresh install
-compiles for a few seconds, later processes load the cache).
+The auction runs on integer keys (the normalised cost in units of 2**-32 with the column
+index in the low bits), so a bid's best and second-best columns are two integer minima that
+the compiler vectorises; the exact finish uses the float64 costs, so the keys' rounding only
+affects the speed. On 2-D toy and image costs at B = 256 (``benchmarks/profile_otcfm.py``)
+it takes 1.0-1.2 ms on one thread, against 4.3-6.6 ms for POT's network simplex and 2.5-13 ms
+for scipy's solver from zero duals. The loops are compiled with numba (``cache=True``: the
+first call of a fresh install compiles for a few seconds, later processes load the cache).
 """
 
 from __future__ import annotations
@@ -39,33 +42,37 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
     n = cost.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    cost, scale = _normalised(cost)
+    bits = (n - 1).bit_length()  # column index bits of a key
+    unit = 2.0 ** min(32, 52 - bits)  # one normalised cost in key units; keys and prices stay < 2**56
+    cost, keys, scale = _normalised(cost, unit, bits)
     if not np.isfinite(scale):
         raise ValueError(
             "optimal_assignment needs finite costs, got NaN or inf; check the points for non-finite or overflowing values"
         )
-    if scale == 0.0:  # every permutation costs the same
+    if scale == 0.0 or n == 1:  # every permutation costs the same
         return np.arange(n, dtype=np.int64)
-    price = np.zeros(n)
-    col4row = _auction(cost, price, EPS_START, EPS_END, EPS_FACTOR)
-    return _augment(cost, -price, col4row)
+    price = np.zeros(n, np.int64)
+    col4row = _auction(keys, price, bits, int(EPS_START * unit), max(1, int(EPS_END * unit)), EPS_FACTOR)
+    return _augment(cost, -(price >> bits) / unit, col4row)
 
 
 @numba.njit(cache=True, nogil=True)
-def _normalised(cost):  # pragma: no cover - compiled
-    """``(cost - row minima) / scale`` (B, B) in [0, 1] and ``scale``, its largest entry before
-    scaling (``nan`` if a cost is not finite). Row constants do not change the optimum; the
-    [0, 1] range keeps every price increment (at least ``EPS_END``) far above float64
-    rounding, whatever the units of the costs. One compiled pass instead of five array ones."""
+def _normalised(cost, unit, bits):  # pragma: no cover - compiled
+    """``(cost - row minima) / scale`` (B, B) in [0, 1], its auction keys and ``scale``, the
+    largest entry before scaling (``nan`` if a cost is not finite). Row constants do not change
+    the optimum; the [0, 1] range makes the schedule independent of the costs' units. A key
+    (B, B) int64 is ``floor(normalised * unit)`` shifted left by ``bits``, with the column index
+    in those low bits, so one integer minimum gives a row's best value and its column."""
     n = cost.shape[0]
     out = np.empty((n, n))
+    keys = np.empty((n, n), np.int64)
     scale = 0.0
     for i in range(n):
         low = np.inf
         for j in range(n):
             c = cost[i, j]
             if not np.isfinite(c):
-                return out, np.nan
+                return out, keys, np.nan
             low = min(low, c)
         for j in range(n):
             out[i, j] = cost[i, j] - low
@@ -75,15 +82,30 @@ def _normalised(cost):  # pragma: no cover - compiled
         for i in range(n):
             for j in range(n):
                 out[i, j] *= inv
-    return out, scale
+                keys[i, j] = (np.int64(out[i, j] * unit) << bits) | j
+    return out, keys, scale
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _smallest(keys, price):  # pragma: no cover - compiled
+    """``min_j keys[j] + price[j]``: an integer reduction, which the compiler vectorises."""
+    best = keys[0] + price[0]
+    for j in range(1, keys.shape[0]):
+        value = keys[j] + price[j]
+        best = value if value < best else best
+    return best
 
 
 @numba.njit(cache=True, nogil=True)
-def _auction(cost, price, eps, eps_end, factor):  # pragma: no cover - compiled
-    """Forward auction with epsilon-scaling (minimisation form). Row ``i`` bids for the column
-    minimising ``cost[i, j] + price[j]`` and raises its price by the margin over the second
-    best plus ``eps``. ``price`` (B,) is updated in place; returns each row's column (B,)."""
-    n = cost.shape[0]
+def _auction(keys, price, bits, eps, eps_end, factor):  # pragma: no cover - compiled
+    """Forward auction with epsilon-scaling (minimisation form) on integer keys (see
+    :func:`_normalised`). Row ``i`` bids for the column minimising ``value[i, j] + price[j]`` and
+    raises its price by the margin over the second best plus ``eps``. ``price`` (B,) int64, in
+    key units (multiples of ``2**bits``), is updated in place; returns each row's column (B,).
+    Prices stay below (stages + 1) normalised costs, far from int64 overflow."""
+    n = keys.shape[0]
+    index = (np.int64(1) << bits) - 1
+    aside = np.int64(1) << 61  # parks the best column while the second best is found
     owner = np.empty(n, np.int64)
     col4row = np.empty(n, np.int64)
     free = np.empty(n, np.int64)
@@ -96,14 +118,11 @@ def _auction(cost, price, eps, eps_end, factor):  # pragma: no cover - compiled
         while top > 0:
             top -= 1
             i = free[top]
-            best, second, jbest = np.inf, np.inf, -1
-            for j in range(n):
-                value = cost[i, j] + price[j]
-                if value < best:
-                    second, best, jbest = best, value, j
-                elif value < second:
-                    second = value
-            price[jbest] += second - best + eps
+            best = _smallest(keys[i], price)
+            jbest = best & index
+            held, price[jbest] = price[jbest], aside
+            second = _smallest(keys[i], price)
+            price[jbest] = held + (((second >> bits) - (best >> bits) + eps) << bits)
             evicted = owner[jbest]
             if evicted >= 0:
                 col4row[evicted] = -1
@@ -113,7 +132,7 @@ def _auction(cost, price, eps, eps_end, factor):  # pragma: no cover - compiled
             col4row[i] = jbest
         if eps <= eps_end:
             return col4row
-        eps = max(eps * factor, eps_end)
+        eps = max(np.int64(eps * factor), eps_end)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -80,3 +80,20 @@ def test_constant_empty_and_single_costs():
 def test_bad_costs_raise(cost, match):
     with pytest.raises(ValueError, match=match):
         optimal_assignment(cost)
+
+
+@pytest.mark.parametrize("n", [3, 255, 257, 300])
+@pytest.mark.parametrize("kind", ["images", "outlier"])
+def test_matches_scipy_at_any_size_and_dynamic_range(n, kind):
+    """Sizes around a power of two (the column index bits of the auction's keys) on image-like
+    costs (64-d points), and costs where one huge outlier squeezes every other normalised cost
+    into a few key units: the auction's prices are then coarse, and the exact finish must
+    still reach scipy's optimum."""
+    rng = np.random.default_rng(n)
+    x0, x1 = rng.normal(size=(n, 64)), rng.uniform(size=(n, 64))
+    cost = ((x0[:, None] - x1[None]) ** 2).sum(-1)
+    if kind == "outlier":
+        cost[n // 2, n // 3] = 1e13
+    rows, ref = linear_sum_assignment(cost)
+    cols = optimal_assignment(cost)
+    assert _total(cost, cols) == pytest.approx(cost[rows, ref].sum(), rel=1e-12)
