@@ -43,7 +43,7 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     bits = (n - 1).bit_length()  # column index bits of a key
-    unit = 2.0 ** min(32, 52 - bits)  # one normalised cost in key units; keys and prices stay < 2**56
+    unit = 2.0 ** min(32, 52 - bits)  # one normalised cost in key values; keys and prices stay < 2**56
     cost, keys, scale = _normalised(cost, unit, bits)
     if not np.isfinite(scale):
         raise ValueError(
@@ -99,7 +99,7 @@ def _smallest(keys, price):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _auction(keys, price, bits, eps, eps_end, factor):  # pragma: no cover - compiled
     """Forward auction with epsilon-scaling (minimisation form) on integer keys (see
-    :func:`_normalised`). Row ``i`` bids for the column minimising ``value[i, j] + price[j]`` and
+    :func:`_normalised`). Row ``i`` bids for the column minimising ``keys[i, j] + price[j]`` and
     raises its price by the margin over the second best plus ``eps``. ``price`` (B,) int64, in
     key units (multiples of ``2**bits``), is updated in place; returns each row's column (B,).
     Prices stay below (stages + 1) normalised costs, far from int64 overflow."""
