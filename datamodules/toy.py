@@ -456,8 +456,8 @@ def _unchunk(chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, Tens
     """The batches of each chunk of stacked fields (K, B, ...), as tensors (B, ...)."""
     for chunk in chunks:
         fields = {k: torch.from_numpy(v) for k, v in chunk.items()}
-        for i in range(len(next(iter(fields.values())))):
-            yield {k: v[i] for k, v in fields.items()}
+        for batch in zip(*fields.values()):
+            yield dict(zip(fields, batch))
 
 
 class ToyDataModule(L.LightningDataModule):

@@ -120,7 +120,8 @@ def _auction(keys, price, bits, eps, eps_end, factor):  # pragma: no cover - com
             i = free[top]
             best = _smallest(keys[i], price)
             jbest = best & index
-            held, price[jbest] = price[jbest], aside
+            held = price[jbest]
+            price[jbest] = aside
             second = _smallest(keys[i], price)
             price[jbest] = held + (((second >> bits) - (best >> bits) + eps) << bits)
             evicted = owner[jbest]
