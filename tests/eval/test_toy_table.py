@@ -18,6 +18,13 @@ def test_toy_table_sweeps_every_valid_task_and_flow(tmp_path):
     # Lipman's path only where the source is Gaussian.
     assert all(cfg["table"]["tasks"][cfg["table"]["cells"][c]["task"]]["source"] == "gaussian"
                for c in cells if c.endswith("__fm"))
+    # Each task is its preset: the same data and net as `experiment=<task>`.
+    for task, spec in cfg["table"]["tasks"].items():
+        preset = compose_config([f"experiment={task}"], tmp_path / task)
+        assert spec == {"source": preset.data.source, "target": preset.data.target,
+                        "activation": preset.model.net.activation}, task
+        cell = compose_config(["experiment=toy_table", f"table.cell={task}__otcfm"], tmp_path / f"{task}_cell")
+        assert (cell.data.source, cell.model.net.activation) == (spec["source"], spec["activation"]), task
     composed = compose_config(["experiment=toy_table", "table.cell=moons_to_8gaussians__sbcfm"], tmp_path)
     model, data = instantiate(composed.model), instantiate(composed.data)
     assert type(model.flow.path).__name__ == "SchrodingerBridgePath" and type(data.source).__name__ == "Moons"
