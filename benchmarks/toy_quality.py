@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(RESULTS, "toy_quality"),
                         help="path stem of the .md/.json results")
     args = parser.parse_args()
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if any(o.lstrip("+~").startswith("seed=") for o in args.override):
+        parser.error("the training seeds come from --seeds (they seed both sides); drop seed= from --override")
 
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
