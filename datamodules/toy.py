@@ -262,7 +262,7 @@ class Points(Distribution):
     """
 
     def __init__(self, file: str) -> None:
-        self.file = str(file)
+        self.file = os.path.abspath(file)  # the checkpoint records it; sampling may run elsewhere
         self.data = load_points(self.file)
         self.dim = self.data.shape[1]
 
@@ -286,10 +286,14 @@ def load_points(file: str) -> Tensor:
                     raise ValueError(f"{file!r} holds arrays {z.files}; name the points array 'points'")
                 arr = z[keys[0]]
         elif ext == ".csv":
-            try:
-                arr = np.loadtxt(file, delimiter=",", ndmin=2)
+            with open(file) as f:
+                first = f.readline()
+            try:  # a first row that is not all numbers is a header
+                np.array(first.split(","), dtype=float)
+                header = 0
             except ValueError:
-                arr = np.loadtxt(file, delimiter=",", ndmin=2, skiprows=1)
+                header = 1
+            arr = np.loadtxt(file, delimiter=",", ndmin=2, skiprows=header)
         else:
             raise ValueError(f"points file {file!r} must end in .npy, .npz or .csv")
     except (OSError, ValueError) as err:
@@ -337,6 +341,8 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         raise ValueError(
             f"unknown distribution {name!r}; choose one of {sorted(DISTRIBUTIONS)} or give a .npy/.npz/.csv file"
         )
+    if name == "points" and "file" not in kwargs:
+        raise ValueError("distribution 'points' needs a file: give its path instead, e.g. data.target=my_points.npy")
     if name == "gaussian" and dim is not None:
         kwargs.setdefault("dim", dim)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .distributed import seed_rank, skip_nvml_check_without_nvml
-from .reliability import read_checkpoint
+from .reliability import check_weights_fit, read_checkpoint
 from .flow.objective import CFMObjective
 from .flow.paths import PathSample
 from .flow.solve import ODESolution, Solver, check_solver, odeint
@@ -323,7 +323,9 @@ class FlowMatchingModule(L.LightningModule):
         return cond, guidance
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", ema: bool = True) -> FlowMatchingModule:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", ema: bool = True, source: Any = None
+) -> FlowMatchingModule:
     """Rebuild a :class:`FlowMatchingModule` from a checkpoint alone, safely.
 
     The file is read with ``torch.load(..., weights_only=True)``: a checkpoint that would need
@@ -332,13 +334,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", ema: boo
     Checkpoints written with an EMA callback (Lightning's weight averaging) hold the EMA weights
     in ``state_dict`` and the raw weights in ``current_model_state``. ``ema=True`` loads the EMA
     weights when there are any (else the only weights there are); ``ema=False`` the raw ones.
+    ``source`` replaces the recorded source distribution (whose points file may be gone).
 
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: the file is not a readable fm-lightning checkpoint, or is unsafe.
     """
     ckpt = read_checkpoint(path, map_location)
-    model = FlowMatchingModule(**ckpt["hyper_parameters"])
+    hparams = dict(ckpt["hyper_parameters"])
+    if source is not None:
+        hparams["source"] = source
+    try:
+        model = FlowMatchingModule(**hparams)
+    except TypeError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a checkpoint this fm-lightning can rebuild ({err})") from err
     raw = ckpt.get("current_model_state")
-    model.load_state_dict(ckpt["state_dict"] if ema or raw is None else raw)
+    weights = {"state_dict": ckpt["state_dict"] if ema or raw is None else raw}
+    check_weights_fit(model, weights, path)
+    model.load_state_dict(weights["state_dict"])
     return model.eval()

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .distributed import seed_rank
 
 __all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError",
-           "read_checkpoint", "find_last_checkpoint"]
+           "read_checkpoint", "check_weights_fit", "find_last_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """Read a checkpoint with ``torch.load(weights_only=True)``; one clear error for a missing,
     unreadable, unsafe or foreign file. Never unpickles arbitrary objects."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; pass a .ckpt file in it, such as <run>/checkpoints/last.ckpt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .ckpt file")
     with open(path, "rb") as f:
@@ -99,9 +101,26 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise ValueError(f"{path!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path!r} is not an fm-lightning checkpoint (no state_dict / hyper_parameters)")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt or not {"net", "flow", "source"} <= hparams.keys():
+        raise ValueError(
+            f"{path!r} is not an fm-lightning checkpoint (it lacks the state_dict, or the recorded net, flow and "
+            "source); pass a .ckpt file written by fm-train"
+        )
     return ckpt
+
+
+def check_weights_fit(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``ckpt``'s ``state_dict`` has exactly ``model``'s entries and shapes."""
+    own, theirs = model.state_dict(), ckpt["state_dict"]
+    differ = sorted((own.keys() ^ theirs.keys()) | {
+        k for k in own.keys() & theirs.keys() if tuple(own[k].shape) != tuple(getattr(theirs[k], "shape", ()))})
+    if differ:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds a different model than this config ({len(differ)} weights are missing, extra "
+            f"or of another shape, e.g. {differ[0]!r}); resume with the config it was trained with (its run's "
+            ".hydra/config.yaml)"
+        )
 
 
 def find_last_checkpoint(runs_dir: str | os.PathLike) -> Path:

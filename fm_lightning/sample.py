@@ -3,7 +3,8 @@
 Image checkpoints also get a PNG grid (``--grid``, default ``--out`` with ``.png``). Class-
 conditional checkpoints need ``--class K``, ``--class all`` (balanced, one class per grid
 column) or ``--class null`` (unconditional), and take a guidance scale ``--guidance s``. The EMA
-weights are used when the checkpoint has them (``--raw-weights`` for the others).
+weights are used when the checkpoint has them (``--raw-weights`` for the others). Existing
+files are never replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500, help="samples integrated at once (default 500)")
     p.add_argument("--grid", default=None, help="PNG grid of the first 256 images (default: --out with .png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on terminals)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --grid) if they exist")
     return p
 
 
@@ -63,6 +65,8 @@ def _labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | str |
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     args = _parser().parse_args(argv)
+    if not args.out.endswith(".npz"):
+        args.out += ".npz"  # what np.savez writes
     from datamodules.toy import Points
 
     from .module import load_checkpoint
@@ -75,19 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"output directory {out_dir} does not exist; create it or choose another --out")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model = load_checkpoint(args.ckpt, map_location=args.device, ema=not args.raw_weights)
+        source = None if args.source_file is None else Points(args.source_file)
+        model = load_checkpoint(args.ckpt, map_location=args.device, ema=not args.raw_weights, source=source)
         if args.label is not None and not model.num_classes:
             raise ValueError("--class needs a class-conditional checkpoint; this one is unconditional")
-        if args.source_file is not None:
-            source = Points(args.source_file)
-            if source.dim != model.source.dim:
-                raise ValueError(
-                    f"--source-file {args.source_file!r} holds {source.dim}-dimensional points but the model is "
-                    f"{model.source.dim}-dimensional; give a file of shape (N, {model.source.dim})"
-                )
-            model.source = source
+        dim = getattr(model.net, "dim", None)
+        if source is not None and source.dim != dim:
+            raise ValueError(
+                f"--source-file {args.source_file!r} holds {source.dim}-dimensional points but the model takes "
+                + (f"{dim}-dimensional ones; give a file of shape (N, {dim})" if dim else "images; leave it out")
+            )
         gen = torch.Generator().manual_seed(args.seed)
         x0 = model.source.sample(args.num_samples, gen)
+        grid = (args.grid or os.path.splitext(args.out)[0] + ".png") if x0.dim() == 4 else None
+        taken = [f for f in (args.out, grid) if f is not None and os.path.exists(f)]
+        if taken and not args.overwrite:
+            raise ValueError(f"{taken[0]} already exists; choose another --out (or --grid), or pass --overwrite")
         labels = _labels(args.label, args.num_samples, model.num_classes)
         chunks, nfe = [], 0
         starts = track(range(0, args.num_samples, args.batch_size), "samples", args.num_samples,
@@ -107,10 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
     np.savez(args.out, samples=samples.numpy(), nfe=nfe, **extra)
     print(f"wrote {args.num_samples} samples (NFE {nfe}) to {args.out}")
-    if samples.dim() == 4:
+    if grid is not None:
         from .callbacks import save_image_grid
 
-        grid = args.grid or os.path.splitext(args.out)[0] + ".png"
         nrow = model.num_classes if args.label == "all" else math.ceil(math.sqrt(min(len(samples), 256)))
         save_image_grid(samples[:256], grid, nrow)
         print(f"wrote an image grid to {grid}")

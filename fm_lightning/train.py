@@ -18,13 +18,14 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .distributed import check_devices
-from .reliability import NonFiniteError, find_last_checkpoint, read_checkpoint
+from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
 
-__all__ = ["main", "run", "CONFIG_DIR"]
+__all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,22 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def _check_output_dir(output_dir: str, resuming: bool) -> None:
+def finished_run_error(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None) -> str | None:
+    """Why training must not write into ``output_dir``: it holds the checkpoints of an earlier
+    run, and ``ckpt_path`` is not one of them (resuming a run in place is allowed). ``None`` if
+    it may."""
+    ckpt_dir = Path(output_dir) / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return None
+    if ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir.resolve():
+        return None
+    return (
+        f"{output_dir} already holds checkpoints from an earlier run; refusing to overwrite them. "
+        f"Use a new hydra.run.dir, or resume that run with ckpt_path={ckpt_dir / 'last.ckpt'}"
+    )
+
+
+def _check_output_dir(output_dir: str, ckpt_path: str | None) -> None:
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -50,12 +66,42 @@ def _check_output_dir(output_dir: str, resuming: bool) -> None:
         raise UserError(f"cannot create output directory {out} ({err}); set paths.log_dir (or FM_ROOT) elsewhere")
     if not os.access(out, os.W_OK):
         raise UserError(f"output directory {out} is not writable; set paths.log_dir (or FM_ROOT) to a writable place")
-    ckpt_dir = out / "checkpoints"
-    if not resuming and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        raise UserError(
-            f"{out} already holds checkpoints from an earlier run; refusing to overwrite them. "
-            "Use a new hydra.run.dir, or resume with ckpt_path=<checkpoint>"
-        )
+    error = finished_run_error(out, ckpt_path)
+    if error:
+        raise UserError(error)
+
+
+class KeepFinishedRuns(Callback):
+    """Hydra callback: refuses a run directory that holds an earlier run's checkpoints (unless
+    resuming that run), or a sweep directory that holds any, *before* Hydra rewrites the
+    directory's ``.hydra/`` files and appends to its log."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ckpt_path = config.get("ckpt_path")
+        if str(ckpt_path) == "last":
+            try:
+                ckpt_path = find_last_checkpoint(Path(config.paths.log_dir) / config.task_name / "runs")
+            except FileNotFoundError:
+                ckpt_path = None  # run() reports it
+        _exit_if(finished_run_error(config.hydra.run.dir, ckpt_path))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if any(sweep_dir.glob("*/checkpoints/*")):
+            _exit_if(f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. "
+                     "Use a new hydra.sweep.dir")
+
+
+def _exit_if(error: object) -> None:
+    """If there is an ``error``: one message on stderr (and in the run's log file, if one is
+    open, but not again on the console), then exit with status 2."""
+    if error:
+        print(f"fm-train: error: {error}", file=sys.stderr)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        sys.exit(2)
 
 
 def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -67,18 +113,19 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return metrics
 
 
-def _resolve_resume(cfg: DictConfig) -> str | None:
-    """Validate ``ckpt_path``; ``last`` means the newest run's last.ckpt, resumed in that run's directory."""
+def _resolve_resume(cfg: DictConfig) -> tuple[str | None, dict | None]:
+    """Validate ``ckpt_path`` and read it; ``last`` means the newest run's last.ckpt, resumed in
+    that run's directory. Returns ``(path, checkpoint)``, or ``(None, None)``."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
-        return None
+        return None, None
     if str(ckpt_path) == "last":
         ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs"))
         with open_dict(cfg):
             cfg.paths.output_dir = str(Path(ckpt_path).parents[1])
         log.info("resuming %s in place", cfg.paths.output_dir)
-    read_checkpoint(ckpt_path)  # refuses missing, foreign or unsafe files before anything starts
-    return str(ckpt_path)
+    # refuses missing, foreign or unsafe files before anything starts
+    return str(ckpt_path), read_checkpoint(ckpt_path)
 
 
 def _set_threads(cfg: DictConfig) -> None:
@@ -101,9 +148,9 @@ def _set_threads(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train as configured by ``cfg``; return the final metrics (also saved as metrics.json)."""
-    ckpt_path = _resolve_resume(cfg)
+    ckpt_path, ckpt = _resolve_resume(cfg)
     output_dir = cfg.paths.output_dir
-    _check_output_dir(output_dir, resuming=ckpt_path is not None)
+    _check_output_dir(output_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _set_threads(cfg)
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
@@ -120,6 +167,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise UserError(f"{cause}") from err
+    if ckpt is not None:
+        check_weights_fit(model, ckpt, ckpt_path)
+        del ckpt  # Lightning reads the file again to restore everything
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -142,9 +192,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
-        log.error("%s", err)
-        print(f"fm-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_if(err)
     value = metrics.get(cfg.get("optimized_metric") or "val/w2")
     return value if isinstance(value, float) else None
 

@@ -7,12 +7,12 @@ files changed or disappeared.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import compose_config
 from fm_lightning import evaluate, sample
@@ -32,6 +32,10 @@ def earlier(tmp_path_factory):
     np.savez(root / "pairs_3d.npz", x0=np.zeros((10, 3), np.float32), x1=np.zeros((10, 3), np.float32))
     np.savez(root / "pairs_ragged.npz", x0=np.zeros((10, 2), np.float32), x1=np.zeros((8, 2), np.float32))
     (root / "notes.txt").write_text("not a checkpoint")
+    (root / "ragged.csv").write_text("1,2\n3\n")
+    (root / "kept.npz").write_bytes(b"earlier samples")
+    (root / "other.ckpt").write_bytes((root / "logs/train/runs/earlier/checkpoints/last.ckpt").read_bytes())
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, root / "foreign.ckpt")
     (root / "a_file").write_text("")
 
     class Evil:
@@ -71,6 +75,8 @@ CASES = {
     "missing points file": (train("data.target={root}/missing.npy"), "does not exist"),
     "points file of wrong shape": (train("data.target={root}/flat.npy"), "shape (N, d)"),
     "points file with NaN": (train("data.target={root}/nan.npy"), "non-finite"),
+    "points without a file": (train("data.target=points"), "'points' needs a file"),
+    "CSV with a short row": (train("data.target={root}/ragged.csv"), "number of columns changed"),
     "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
     "source and target dims differ": (train("data.dim=3", "data.source=gaussian"), "they must match"),
     "zero batch size": (train("data.batch_size=0"), "must all be >= 1"),
@@ -100,11 +106,20 @@ CASES = {
     "resume from a missing checkpoint": (train("ckpt_path={root}/missing.ckpt"), "does not exist"),
     "resume from a text file": (train("ckpt_path={root}/notes.txt"), "not a readable checkpoint"),
     "resume from a malicious checkpoint": (train("ckpt_path={root}/evil.ckpt"), "refusing to load"),
+    "resume another run's checkpoint into a finished run": (
+        train("ckpt_path={root}/other.ckpt", out="logs/train/runs/earlier"), "already holds checkpoints"),
+    "resume from another Lightning project's checkpoint": (train("ckpt_path={root}/foreign.ckpt"),
+                                                           "not an fm-lightning checkpoint"),
+    "resume with another net": (train(f"ckpt_path={EARLIER_CKPT}", "model.net.width=32"), "holds a different model"),
     "resume last with no runs": (train("ckpt_path=last", "task_name=nothing_yet", "paths.log_dir={root}/logs"),
                                  "no run under"),
     # fm-sample flags
     "fm-sample missing checkpoint": (fm_sample("{root}/missing.ckpt"), "does not exist"),
     "fm-sample malicious checkpoint": (fm_sample("{root}/evil.ckpt"), "refusing to load"),
+    "fm-sample another Lightning project's checkpoint": (fm_sample("{root}/foreign.ckpt"),
+                                                         "not an fm-lightning checkpoint"),
+    "fm-sample a run directory": (fm_sample("{root}/logs/train/runs/earlier"), "is a directory"),
+    "fm-sample onto an existing file": (fm_sample(EARLIER_CKPT, "--out", "{root}/kept.npz"), "--overwrite"),
     "fm-sample unknown solver": (fm_sample(EARLIER_CKPT, "--solver", "rk45"), "invalid choice: 'rk45'"),
     "fm-sample zero samples": (fm_sample(EARLIER_CKPT, "--num-samples", "0"), "--num-samples must be >= 1"),
     "fm-sample zero steps": (fm_sample(EARLIER_CKPT, "--solver", "euler", "--steps", "0"), "needs steps >= 1"),
@@ -141,6 +156,7 @@ def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsy
     assert fragment in message, message
     assert _snapshot(earlier) == before
     assert not (earlier / "pwned").exists()
+    assert (earlier / "kept.npz").read_bytes() == b"earlier samples"
 
 
 def test_the_table_is_large_enough():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_config, run_cli
+from fm_lightning import sample
 from fm_lightning.metrics import wasserstein2
 from fm_lightning.module import load_checkpoint
 from fm_lightning.train import UserError, run
@@ -31,7 +32,24 @@ def test_fm_train_cli_leaves_every_artefact_and_fm_sample_reads_it(tmp_path):
     assert z["samples"].shape == (33, 2) and np.isfinite(z["samples"]).all() and int(z["nfe"]) == 20
 
 
-def test_checkpoint_rebuilds_model_with_weights_only_and_no_config(tiny_cfg, tmp_path):
+def test_fm_train_cli_keeps_a_finished_run_and_a_used_sweep_dir_untouched(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli("fm-train", "debug=fast", "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_cli("fm-train", "debug=fast", "logger=none", "flow=icfm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("already holds checkpoints") == 1, proc.stderr[-3000:]
+    # Hydra's .hydra/ files and train.log too: the refusal comes before Hydra writes them.
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0/checkpoints").mkdir(parents=True)
+    (sweep / "0/checkpoints/last.ckpt").write_bytes(b"earlier")
+    proc = run_cli("fm-train", "-m", "debug=fast", "logger=none", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds runs with checkpoints" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.rglob("*")) == ["0", "checkpoints", "last.ckpt"]
+
+
+def test_checkpoint_rebuilds_model_with_weights_only_and_no_config(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("data.source=gaussian", "data.target=scurve", "flow=fm")
     run(cfg)
     ckpt_path = tmp_path / "run/checkpoints/last.ckpt"
@@ -43,6 +61,11 @@ def test_checkpoint_rebuilds_model_with_weights_only_and_no_config(tiny_cfg, tmp
         assert torch.equal(model.state_dict()[k], v)
     x = model.sample(num_samples=7, solver="euler", steps=3, generator=torch.Generator().manual_seed(0)).x
     assert x.shape == (7, 2) and x.dtype == torch.float32
+    # Lipman's path needs N(0, I) source samples, so fm-sample refuses other source points.
+    np.save(tmp_path / "far.npy", np.full((10, 2), 100.0, dtype=np.float32))
+    assert sample.main([str(ckpt_path), "--source-file", str(tmp_path / "far.npy"), "--out", str(tmp_path / "s")]) == 2
+    assert "assumes a standard Gaussian source" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
 
 
 @pytest.mark.parametrize("flow", ["icfm", "otcfm", "sbcfm", "fm", "rf", "vp"])
@@ -69,18 +92,28 @@ def test_short_training_beats_the_untrained_model(tmp_path):
     assert metrics["val/w2"] < 0.5 * w2_untrained, (metrics["val/w2"], w2_untrained)
 
 
-def test_a_points_file_works_as_target_and_as_source(tiny_cfg, tmp_path):
+def test_a_points_file_works_as_target_and_as_source(tiny_cfg, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     pts = rng.normal(size=(500, 3)) * [1.0, 2.0, 0.5] + [3.0, 0.0, -1.0]
     np.save(tmp_path / "mine.npy", pts.astype(np.float32))
     np.savetxt(tmp_path / "src.csv", rng.normal(size=(400, 3)), delimiter=",", header="a,b,c", comments="")
-    run(tiny_cfg(f"data.source={tmp_path / 'src.csv'}", f"data.target={tmp_path / 'mine.npy'}", "data.dim=3"))
-    model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
-    assert model.source.file == str(tmp_path / "src.csv")
-    proc = run_cli("fm-sample", str(tmp_path / "run/checkpoints/last.ckpt"), "--num-samples", "5",
-                   "--out", str(tmp_path / "a.npz"), "--source-file", str(tmp_path / "src.csv"), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative source path is recorded absolute
+    run(tiny_cfg("data.source=src.csv", f"data.target={tmp_path / 'mine.npy'}", "data.dim=3"))
+    ckpt = str(tmp_path / "run/checkpoints/last.ckpt")
+    assert load_checkpoint(ckpt).source.file == str(tmp_path / "src.csv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("fm-sample", ckpt, "--num-samples", "5", "--out", "a.npz", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
-    assert np.load(tmp_path / "a.npz")["samples"].shape == (5, 3)
+    assert np.load(elsewhere / "a.npz")["samples"].shape == (5, 3)
+    # With the recorded source file gone, --source-file stands in for it.
+    (tmp_path / "src.csv").rename(tmp_path / "moved.csv")
+    proc = run_cli("fm-sample", ckpt, "--num-samples", "5", "--out", "b.npz", cwd=elsewhere)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = run_cli("fm-sample", ckpt, "--num-samples", "5", "--out", "b.npz", "--source-file", "../moved.csv",
+                   cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(elsewhere / "b.npz")["samples"].shape == (5, 3)
 
 
 def test_a_second_run_never_overwrites_an_earlier_run(tiny_cfg, tmp_path):

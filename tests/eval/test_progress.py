@@ -165,4 +165,4 @@ def test_fm_sample_bar_counts_samples_and_no_progress_hides_it(terminal, monkeyp
     assert np.load(tmp_path / "s.npz")["samples"].shape == (10, 2)
     assert "samples" in terminal.getvalue() and "10/10" in terminal.getvalue()
     terminal.seek(0), terminal.truncate()
-    assert sample.main([*args, "--no-progress"]) == 0 and "10/10" not in terminal.getvalue()
+    assert sample.main([*args, "--no-progress", "--overwrite"]) == 0 and "10/10" not in terminal.getvalue()
