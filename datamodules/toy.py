@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fm_lightning.distributed import per_device_batch_size
+from fm_lightning.flow.couplings import IndependentCoupling
 
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
@@ -571,6 +572,12 @@ class ToyDataModule(L.LightningDataModule):
         objective = self.objective
         if objective is None and self.trainer is not None:
             objective = getattr(getattr(self.trainer, "lightning_module", None), "flow", None)
+        coupling = getattr(objective, "coupling", None)
+        if self.pairs is not None and coupling is not None and not isinstance(coupling, IndependentCoupling):
+            raise ValueError(
+                f"data.pairs are trained on whole, but this flow re-pairs them ({type(coupling).__name__}); "
+                "use flow=icfm or flow=rf"
+            )
         world = self.trainer.world_size if self.trainer is not None else 1
         return None if getattr(getattr(objective, "coupling", None), "global_batch", False) and world > 1 else objective
 

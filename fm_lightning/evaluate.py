@@ -473,6 +473,7 @@ def evaluate_checkpoint(
     ema: bool = True,
     device: str = "cpu",
     wandb_project: str | None = None,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and write ``eval.json``, ``eval.md`` (and the sweep files).
@@ -487,6 +488,7 @@ def evaluate_checkpoint(
         device: torch device.
         wandb_project: also log the metrics, the sweep table (``eval/nfe_sweep``) and its plot
             to a W&B run of this project (offline under ``out_dir/wandb`` without credentials).
+        overwrite: write into an ``out_dir`` that holds files already (else refused, before any work).
         **kwargs: passed to :func:`evaluate_points` or :func:`evaluate_images`.
 
     Returns:
@@ -501,6 +503,11 @@ def evaluate_checkpoint(
         unknown = [m for m in metrics if m not in POINT_METRICS + IMAGE_METRICS]
         if unknown:
             raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(POINT_METRICS + IMAGE_METRICS)}")
+    out = Path(out_dir) if out_dir is not None else _default_out(ckpt)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file; pass another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} already holds an evaluation; pass another --out, or --overwrite to write over it")
     model = load_checkpoint(ckpt, map_location=device, ema=ema)
     kind = data_kind(model)
     _check_metrics(metrics, kind)  # a metric of the wrong kind fails before any work
@@ -521,7 +528,6 @@ def evaluate_checkpoint(
         report["data"] = getattr(datamodule, "reference_name", type(datamodule).__name__)
         result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs)
     report.update(result)
-    out = Path(out_dir) if out_dir is not None else _default_out(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     if result["sweep"]:
         metric = "w2" if kind == "points" else "fid"
@@ -591,6 +597,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fm-eval", description="Evaluate a trained fm-lightning checkpoint.")
     p.add_argument("ckpt", help="path of a .ckpt file written by fm-train or fm-cli")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds files already")
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated subset of {','.join(POINT_METRICS)} (2-D) or {','.join(IMAGE_METRICS)} "
                         "(images); default: all that apply")
@@ -638,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kwargs["num_samples"] = args.num_samples
         report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, data_config=args.data_config,
                                      ema=not args.raw_weights, device=args.device,
-                                     wandb_project=args.wandb_project, **kwargs)
+                                     wandb_project=args.wandb_project, overwrite=args.overwrite, **kwargs)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
         hint = " (fm-eval: --fid-weights PATH)" if "weights_path=" in str(err) else ""
         print(f"fm-eval: error: {err}{hint}", file=sys.stderr)

@@ -175,13 +175,17 @@ class ReflowChain(_HydraCallback):
 
         if job_return.status != JobStatus.COMPLETED:
             return
+        from .reliability import NonFiniteError
+        from .train import UserError, exit_with_error
+
         run_dir = Path(config.hydra.runtime.output_dir)
         try:
             self.run(job_return.cfg, run_dir)
-        except (ValueError, FileNotFoundError) as err:
-            log.error("%s", err)
-            print(f"fm-train (reflow): error: {err}", file=sys.stderr)
-            raise SystemExit(2) from err
+        except (ValueError, FileNotFoundError, UserError, NonFiniteError) as err:
+            exit_with_error(f"reflow: {err}")
+        except Exception as err:  # Hydra would only warn about a callback's error, and exit 0
+            log.exception("reflow failed")
+            raise SystemExit(1) from err
 
     def run(self, cfg: Any, run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         """Stage 2 after the stage-1 run in ``run_dir`` (config ``cfg``, as ``fm-train`` got it)."""
@@ -192,6 +196,8 @@ class ReflowChain(_HydraCallback):
 
         run_dir = Path(run_dir)
         out = run_dir / "reflow"
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"{out} holds an earlier reflow (pairs, stage 2); move it away to redo the reflow stages")
         stage1 = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         x0, x1, nfe = generate_pairs(stage1, self.num_pairs, self.batch_size, self.solver, self.steps,
                                      self.atol, self.rtol, seed=int(cfg.seed))
@@ -232,10 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of adaptive solvers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     from .module import load_checkpoint
 
     try:
+        if os.path.isdir(args.out) or (os.path.exists(args.out) and not args.overwrite):
+            raise ValueError(f"--out {args.out} already exists; choose another file, or pass --overwrite to replace it")
         model = load_checkpoint(args.ckpt)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
                                      args.tol, args.tol, args.seed, progress=not args.no_progress)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .distributed import check_devices
 from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
 
-__all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error"]
+__all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error", "exit_with_error"]
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,16 @@ class KeepFinishedRuns(Callback):
                 ckpt_path = find_last_checkpoint(Path(config.paths.log_dir) / config.task_name / "runs")
             except FileNotFoundError:
                 ckpt_path = None  # run() reports it
-        _exit_if(finished_run_error(config.hydra.run.dir, ckpt_path))
+        exit_with_error(finished_run_error(config.hydra.run.dir, ckpt_path))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if any(sweep_dir.glob("*/checkpoints/*")):
-            _exit_if(f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. "
+            exit_with_error(f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. "
                      "Use a new hydra.sweep.dir")
 
 
-def _exit_if(error: object) -> None:
+def exit_with_error(error: object) -> None:
     """If there is an ``error``: one message on stderr (and in the run's log file, if one is
     open, but not again on the console), then exit with status 2."""
     if error:
@@ -192,7 +192,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
-        _exit_if(err)
+        exit_with_error(err)
     value = metrics.get(cfg.get("optimized_metric") or "val/w2")
     return value if isinstance(value, float) else None
 

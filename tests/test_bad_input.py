@@ -33,6 +33,9 @@ def earlier(tmp_path_factory):
     np.savez(root / "pairs_ragged.npz", x0=np.zeros((10, 2), np.float32), x1=np.zeros((8, 2), np.float32))
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "ragged.csv").write_text("1,2\n3\n")
+    np.savez(root / "pairs_2d.npz", x0=np.zeros((10, 2), np.float32), x1=np.ones((10, 2), np.float32))
+    (root / "evaluated").mkdir()
+    (root / "evaluated/eval.json").write_text("{}")
     (root / "kept.npz").write_bytes(b"earlier samples")
     (root / "other.ckpt").write_bytes((root / "logs/train/runs/earlier/checkpoints/last.ckpt").read_bytes())
     torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, root / "foreign.ckpt")
@@ -133,6 +136,10 @@ CASES = {
     "fm-eval likelihood without a source density": (fm_eval(EARLIER_CKPT, "--metrics", "nll", "--out", "{root}/eval"),
                                                     "needs a source with a known density"),
     "reflow pairs of another dimension": (train("+data.pairs={root}/pairs_3d.npz"), "are 3-dimensional"),
+    "reflow pairs under an OT flow": (train("+data.pairs={root}/pairs_2d.npz"), "re-pairs them"),
+    "fm-eval into an earlier evaluation": (fm_eval(EARLIER_CKPT, "--metrics", "w2", "--out", "{root}/evaluated"),
+                                           "already holds an evaluation"),
+    "fm-eval output onto a file": (fm_eval(EARLIER_CKPT, "--out", "{root}/notes.txt"), "is a file"),
     "reflow pairs of unequal shapes": (train("+data.pairs={root}/pairs_ragged.npz"), "of one shape"),
 }
 
@@ -157,6 +164,7 @@ def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsy
     assert _snapshot(earlier) == before
     assert not (earlier / "pwned").exists()
     assert (earlier / "kept.npz").read_bytes() == b"earlier samples"
+    assert (earlier / "evaluated/eval.json").read_text() == "{}"
 
 
 def test_the_table_is_large_enough():

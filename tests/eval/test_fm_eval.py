@@ -61,8 +61,11 @@ def test_target_comes_from_the_run_config_when_the_checkpoint_lacks_it(ckpt, tmp
     report = evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50)
     assert report["target"].startswith("Moons(")
     (run_dir / ".hydra" / "config.yaml").unlink()
-    with pytest.raises(ValueError, match="pass --target"):
+    with pytest.raises(ValueError, match="already holds an evaluation"):  # the first one's eval/ is kept
         evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50)
+    with pytest.raises(ValueError, match="pass --target"):
+        evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50,
+                                     overwrite=True)
 
 
 def test_nll_is_skipped_with_the_reason_when_the_source_density_is_unknown(ckpt):
@@ -102,14 +105,14 @@ def test_image_metrics_fid_and_bits_per_dim_of_an_analytic_model():
     assert abs(m["eval/bpd"] - expected) < 1e-3, (m["eval/bpd"], expected)
 
 
-def test_point_metrics_on_images_and_image_metrics_on_points_are_refused(ckpt):
+def test_point_metrics_on_images_and_image_metrics_on_points_are_refused(ckpt, tmp_path):
     model = affine_model([0.2], [0.5], shape=[1, 8, 8])
     with pytest.raises(ValueError, match="does not fit this checkpoint"):
         evaluate.evaluate_images(model, None, metrics=["w2"])
     with pytest.raises(ValueError, match="needs image data"):
-        evaluate.evaluate_checkpoint(ckpt, metrics=["bpd"])
+        evaluate.evaluate_checkpoint(ckpt, tmp_path, metrics=["bpd"])
     with pytest.raises(ValueError, match="unknown metric 'fidd'"):
-        evaluate.evaluate_checkpoint(ckpt, metrics=["fidd"])
+        evaluate.evaluate_checkpoint(ckpt, tmp_path, metrics=["fidd"])
 
 
 def test_fm_eval_logs_the_sweep_table_to_wandb(ckpt, tmp_path):

@@ -94,6 +94,21 @@ def test_pairs_cli_and_save_pairs(tmp_path):
     with pytest.raises(ValueError, match="one shape"):
         save_pairs(tmp_path / "x.npz", torch.zeros(3, 2), torch.zeros(3, 3))
     assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "p.npz")]) == 2
+    (tmp_path / "kept.npz").write_bytes(b"earlier pairs")
+    for out in ("kept.npz", "."):  # an existing file, or a folder
+        assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / out)]) == 2
+    assert (tmp_path / "kept.npz").read_bytes() == b"earlier pairs"
+
+
+def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
+    from fm_lightning.flow.couplings import ExactOTCoupling
+    from fm_lightning.flow.objective import CFMObjective
+    from fm_lightning.flow.paths import ICFMPath
+
+    dm = ToyDataModule("gaussian", "moons", batch_size=16, pairs=_pairs_file(tmp_path / "p.npz"))
+    dm.objective = CFMObjective(ICFMPath(0.0), ExactOTCoupling())
+    with pytest.raises(ValueError, match="re-pairs them .ExactOTCoupling.; use flow=icfm"):
+        dm.train_dataloader()
 
 
 def test_reflow_chain_runs_stage_two_on_the_pairs(tmp_path):
@@ -112,6 +127,28 @@ def test_reflow_chain_runs_stage_two_on_the_pairs(tmp_path):
     assert "w2_euler1" in (out / "reflow.md").read_text()
     # Stage 2 trained on the pairs file: the saved config says so.
     assert str(out / "pairs.npz") in (out / "stage2_config.yaml").read_text()
+    # A second chain on the same run (a resume in place, say) keeps the first one's files.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="holds an earlier reflow"):
+        chain.run(cfg, tmp_path / "run")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_failing_reflow_stage_exits_non_zero(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+
+    chain = ReflowChain()
+    done = SimpleNamespace(status=JobStatus.COMPLETED, cfg=None)
+    config = SimpleNamespace(hydra=SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path))))
+    for error, code in ((ValueError("bad pairs"), 2), (RuntimeError("out of memory"), 1)):
+        def fail(*args, error=error):
+            raise error
+        monkeypatch.setattr(chain, "run", fail)
+        with pytest.raises(SystemExit) as exit_:
+            chain.on_job_end(config, done)
+        assert exit_.value.code == code
 
 
 @pytest.mark.slow
