@@ -205,8 +205,7 @@ class SampleCallback(L.Callback):
     the datamodule has a ``target`` distribution) and the straightness of the learned flow:
     ``val/path_energy`` (``PE = mean int_0^1 ||v(x_t, t)||^2 dt`` from the fixed source points) and
     ``val/npe`` (``|PE - W2^2| / W2^2``, W2 between the source points and the target samples;
-    Tong et al.). In the run directory
-    (``trainer.default_root_dir``) it saves, and hands to the loggers:
+    Tong et al.). In ``dirpath`` it saves, and hands to the loggers:
 
     - 2-D data: ``samples.png`` and ``trajectories.png`` (``samples/samples``, ``samples/trajectories``);
     - images: ``grid.png`` (``samples/grid``), and with ``num_trajectories > 0`` a strip of
@@ -233,6 +232,9 @@ class SampleCallback(L.Callback):
             writes ``nfe_sweep.csv`` and ``nfe_sweep.png`` into the run directory and logs the
             plot and a table (``samples/nfe_sweep``; W&B). Unconditional point data only; image
             models are swept by ``fm-eval --sweep``.
+        dirpath: folder of the plots (``fm-train``: the run directory). Default, as Lightning's
+            ``ModelCheckpoint``: the logger's version folder (``trainer.log_dir``), so that runs
+            sharing a ``default_root_dir`` keep their own plots.
     """
 
     def __init__(
@@ -250,6 +252,7 @@ class SampleCallback(L.Callback):
         use_ema: bool = True,
         straightness: bool = True,
         nfe_sweep: bool = False,
+        dirpath: str | None = None,
     ) -> None:
         if num_samples < 2 or every_n_validations < 1:
             raise ValueError("SampleCallback needs num_samples >= 2 and every_n_validations >= 1")
@@ -259,7 +262,7 @@ class SampleCallback(L.Callback):
         self.every_n_validations, self.seed = every_n_validations, seed
         self.solver_kwargs = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
         self.guidance, self.num_saves, self.use_ema = guidance, num_saves, use_ema
-        self.straightness, self.nfe_sweep = straightness, nfe_sweep
+        self.straightness, self.nfe_sweep, self.dirpath = straightness, nfe_sweep, dirpath
         self._x0: Tensor | None = None
         self._cond: Tensor | None = None
         self._validations = 0
@@ -269,6 +272,8 @@ class SampleCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         self._cond = _fixed_labels(pl_module, self.num_samples)
+        # trainer.log_dir is collective (a broadcast): read it here, on every rank.
+        self._dir = self.dirpath or trainer.log_dir or trainer.default_root_dir
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -308,7 +313,7 @@ class SampleCallback(L.Callback):
         with model_weights(trainer, pl_module, self.use_ema):
             rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, target)},
                              progress=trainer.progress_bar_callback is not None)
-        _, png = write_sweep(rows, trainer.default_root_dir, "w2")
+        _, png = write_sweep(rows, self._out_dir(), "w2")
         log_image(trainer, "samples/nfe_sweep", png)
         log_sweep_table(trainer.loggers, rows, key="samples/nfe_sweep")
 
@@ -325,9 +330,12 @@ class SampleCallback(L.Callback):
         cond = None if self._cond is None else self._cond[:n]
         return pl_module.sample(x0=self._x0[:n], cond=cond, guidance=self.guidance, **self.solver_kwargs, **kwargs)
 
+    def _out_dir(self) -> str:
+        os.makedirs(self._dir, exist_ok=True)
+        return self._dir
+
     def _save(self, trainer: L.Trainer, name: str, key: str, write: Any) -> None:
-        out_dir = trainer.default_root_dir
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = self._out_dir()
         path = os.path.join(out_dir, name)
         write(path)
         log_image(trainer, key, path)

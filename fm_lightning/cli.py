@@ -10,6 +10,7 @@ image shape). A link whose target the chosen net does not take is ignored.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import yaml
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .distributed import check_devices
 from .module import FlowMatchingModule
+from .reliability import NonFiniteError, check_weights_fit, read_checkpoint
 
 __all__ = ["FlowMatchingCLI", "main"]
 
@@ -46,6 +48,14 @@ class FlowMatchingCLI(LightningCLI):
         trainer = config.get("trainer", {})
         check_devices(trainer.get("accelerator"), trainer.get("devices"), trainer.get("precision"))
 
+    def _check_ckpt_path(self) -> None:
+        """Refuse a missing, unsafe, foreign or mismatched ``--ckpt_path`` before the run starts."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_weights_fit(self.model, read_checkpoint(ckpt_path), ckpt_path)
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+
     def add_arguments_to_parser(self, parser) -> None:
         links = {
             "model.net.init_args.dim": lambda dm: getattr(dm, "dim", None),
@@ -59,14 +69,18 @@ class FlowMatchingCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point ``fm-cli``."""
-    FlowMatchingCLI(
-        FlowMatchingModule,
-        subclass_mode_data=True,
-        save_config_callback=_LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": False},
-        args=args,
-    )
+    """Console entry point ``fm-cli``; bad input exits with status 2 and one message."""
+    try:
+        FlowMatchingCLI(
+            FlowMatchingModule,
+            subclass_mode_data=True,
+            save_config_callback=_LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": False},
+            args=args,
+        )
+    except (ValueError, FileNotFoundError, NonFiniteError) as err:
+        print(f"fm-cli: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ class FlowMatchingModule(L.LightningModule):
         self.source = _build(source)
         self.optimizer_factory = _build(optimizer, partial=True) or functools.partial(torch.optim.Adam, lr=1e-3)
         self.lr_scheduler_factory = _build(lr_scheduler, partial=True)
+        for name, built, kind in (("net", self.net, nn.Module), ("flow", self.flow, CFMObjective)):
+            if not isinstance(built, kind):
+                raise ValueError(
+                    f"{name} must be a {kind.__name__} (or its class_path/init_args spec), got {built!r}; "
+                    "check the class paths in it"
+                )
         self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")

@@ -45,7 +45,25 @@ def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
     torch.load(ckpt, weights_only=True)
     model = load_checkpoint(ckpt)
     assert model.sample(num_samples=4, solver="euler", steps=2).x.shape == (4, 2)
-    assert (out / "samples.png").is_file()
+    # The plots go beside the checkpoints, into the logger's version folder, as Lightning's do.
+    assert (ckpt.parents[1] / "samples.png").is_file() and (ckpt.parents[1] / "trajectories.png").is_file()
+    # A second run under the same default_root_dir gets its own folder and keeps the first one's.
+    before = (ckpt.parents[1] / "samples.png").read_bytes()
+    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={out}", "--seed_everything=1",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(out.rglob("samples.png"))) == 2 and (ckpt.parents[1] / "samples.png").read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ckpt_path=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+    (["--model.flow.init_args.path.class_path=fm_lightning.flow.paths.NoSuchPath"], "flow must be a CFMObjective"),
+])
+def test_fm_cli_bad_input_gets_one_message(tmp_path, args, message):
+    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}", *args,
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_print_config_round_trips(tmp_path):
