@@ -306,7 +306,7 @@ class ImageDataModule(L.LightningDataModule):
         cls = getattr(tvd, _TV_CLASS[self.dataset])
         try:
             return cls(self.root, train=train, download=download)
-        except RuntimeError as err:
+        except (RuntimeError, AssertionError, ValueError, OSError) as err:  # missing, or corrupt files
             if download:
                 raise
             raise FileNotFoundError(

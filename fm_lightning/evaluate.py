@@ -401,21 +401,28 @@ def evaluate_images(
 
 # -- checkpoints -------------------------------------------------------------------------------
 def _run_config(ckpt: Path, data_config: str | None) -> Any:
-    """The ``data`` node of ``--data-config`` or of the run directory's ``.hydra/config.yaml``."""
+    """The ``data`` node of ``--data-config``, else of the run's config beside the checkpoint
+    (``fm-train``: ``.hydra/config.yaml``; ``fm-cli``: the version folder's ``config.yaml``), in
+    Hydra's ``_target_`` form."""
     from omegaconf import OmegaConf
 
-    path = Path(data_config) if data_config else ckpt.resolve().parents[1] / ".hydra" / "config.yaml"
+    run_dir = ckpt.resolve().parents[1]
+    path = Path(data_config) if data_config else next(
+        (p for p in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml") if p.is_file()), None)
     if data_config and not path.is_file():
         raise FileNotFoundError(f"--data-config {data_config!r} does not exist")
-    if not path.is_file():
+    if path is None:
         return None
     cfg = OmegaConf.load(path)
     if cfg.get("data") is None:
         return None
     try:  # resolve ${seed}, ${paths...} against the whole run config
-        return OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+        data = OmegaConf.to_container(cfg.data, resolve=True)
     except Exception as err:  # noqa: BLE001 - e.g. a ${hydra:...} resolver outside a Hydra run
         raise ValueError(f"cannot resolve the data config of {str(path)!r}: {err}") from err
+    if "class_path" in data:  # the Lightning CLI's form
+        data = {"_target_": data["class_path"], **(data.get("init_args") or {})}
+    return OmegaConf.create(data)
 
 
 def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:

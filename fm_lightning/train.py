@@ -104,6 +104,21 @@ def exit_with_error(error: object) -> None:
         sys.exit(2)
 
 
+def _check_shapes(datamodule: Any, model: Any) -> None:
+    """The model's source and net take samples of the data's shape: (d,) points or (C, H, W) images."""
+    shape = tuple(datamodule.shape) if hasattr(datamodule, "shape") else (datamodule.dim,)
+    drawn = tuple(model.source.sample(1, torch.Generator().manual_seed(0)).shape[1:])
+    if drawn != shape:
+        raise UserError(f"the model's source draws samples of shape {drawn} but the data are {shape}; "
+                        f"set model.source.dim={list(shape) if len(shape) > 1 else shape[0]}")
+    net = model.net
+    wanted = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0], "image_size": shape[-1]}
+    for attr, value in wanted.items():
+        if getattr(net, attr, value) != value:
+            raise UserError(f"model.net.{attr}={getattr(net, attr)} does not fit data of shape {shape}; "
+                            f"set model.net.{attr}={value}")
+
+
 def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     metrics = {}
     for key, value in trainer.callback_metrics.items():
@@ -167,6 +182,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise UserError(f"{cause}") from err
+    _check_shapes(datamodule, model)
     if ckpt is not None:
         check_weights_fit(model, ckpt, ckpt_path)
         del ckpt  # Lightning reads the file again to restore everything

@@ -33,6 +33,10 @@ def earlier(tmp_path_factory):
     np.savez(root / "pairs_ragged.npz", x0=np.zeros((10, 2), np.float32), x1=np.zeros((8, 2), np.float32))
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "ragged.csv").write_text("1,2\n3\n")
+    (root / "bad_mnist/MNIST/raw").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (root / "bad_mnist/MNIST/raw" / name).write_bytes(b"not an IDX file at all")
     np.savez(root / "pairs_2d.npz", x0=np.zeros((10, 2), np.float32), x1=np.ones((10, 2), np.float32))
     (root / "evaluated").mkdir()
     (root / "evaluated/eval.json").write_text("{}")
@@ -87,6 +91,14 @@ CASES = {
     "zero training threads": (train("threads=0"), "threads must be a whole number >= 1"),
     "batch not divisible by accumulation": (train("data.batch_size=255", "trainer.accumulate_grad_batches=2"),
                                             "does not divide"),
+    "corrupt MNIST files": (train("experiment=mnist", "data.root={root}/bad_mnist"), "not found (or is corrupted)"),
+    "image source of another shape": (train("experiment=digits", "model.source.dim=[1,16,16]"),
+                                      "source draws samples of shape (1, 16, 16) but the data are (1, 8, 8)"),
+    "image net of another size": (train("experiment=digits", "model.net.image_size=16",
+                                        "model.net.attention_resolutions=[8]"),
+                                  "model.net.image_size=16 does not fit data of shape (1, 8, 8)"),
+    "image net of other channels": (train("experiment=digits", "model.net.in_channels=3"),
+                                    "model.net.in_channels=3 does not fit data of shape (1, 8, 8)"),
     # configs: model and flow
     "Lipman path on a non-Gaussian source": (train("flow=fm"), "assumes a standard Gaussian source"),
     "SB path with sigma 0": (train("flow=sbcfm", "model.flow.path.sigma=0"), "needs sigma > 0"),

@@ -66,6 +66,12 @@ def test_target_comes_from_the_run_config_when_the_checkpoint_lacks_it(ckpt, tmp
     with pytest.raises(ValueError, match="pass --target"):
         evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50,
                                      overwrite=True)
+    # fm-cli's version folder: config.yaml in the Lightning CLI's class_path form.
+    (run_dir / "config.yaml").write_text("data:\n  class_path: datamodules.toy.ToyDataModule\n"
+                                         "  init_args:\n    target: scurve\n    dim: 2\n")
+    report = evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50,
+                                          overwrite=True)
+    assert report["target"].startswith("SCurve(")
 
 
 def test_nll_is_skipped_with_the_reason_when_the_source_density_is_unknown(ckpt):
