@@ -88,8 +88,9 @@ class KeepFinishedRuns(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if any(sweep_dir.glob("*/checkpoints/*")):
-            exit_with_error(f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. "
-                     "Use a new hydra.sweep.dir")
+            exit_with_error(
+                f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. Use a new hydra.sweep.dir"
+            )
 
 
 def exit_with_error(error: object) -> None:
