@@ -9,6 +9,7 @@ file), or a path ending in ``.npy``, ``.npz`` or ``.csv``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -356,10 +357,11 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
-def load_pairs(file: str, dim: int) -> tuple[Tensor, Tensor]:
+def load_pairs(file: str, dim: int, source: Distribution | None = None) -> tuple[Tensor, Tensor]:
     """Read fixed ``(x0, x1)`` pairs (e.g. written by reflow) from an ``.npz`` with arrays ``x0``
     and ``x1`` of shape (N, dim); one clear error for a missing file, missing arrays, shapes that
-    differ or do not match the model's ``dim``, or non-finite values."""
+    differ or do not match the model's ``dim``, non-finite values, or (when the file records the
+    source its ``x0`` came from, as reflow's do) a ``source`` other than that one."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
     try:
@@ -367,8 +369,17 @@ def load_pairs(file: str, dim: int) -> tuple[Tensor, Tensor]:
             if "x0" not in z.files or "x1" not in z.files:
                 raise ValueError(f"pairs file {file!r} must hold arrays 'x0' and 'x1', has {z.files}")
             x0, x1 = z["x0"], z["x1"]
+            recorded = str(z["source"]) if "source" in z.files else None
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read pairs file {file!r}: {err}") from err
+    if source is not None and recorded is not None:
+        from fm_lightning.reflow import source_record
+
+        if source_record(source) != recorded:
+            raise ValueError(
+                f"the pairs in {file!r} start from source {json.loads(recorded)} but data.source is {source}; "
+                "set data.source to the pairs' source, so that sampling draws x0 as training saw it"
+            )
     if x0.shape != x1.shape or x0.ndim != 2 or x0.shape[0] < 2:
         raise ValueError(
             f"reflow pairs in {file!r} must be x0 and x1 of one shape (N, d) with N >= 2, got {x0.shape} and {x1.shape}"
@@ -528,7 +539,7 @@ class ToyDataModule(L.LightningDataModule):
         self.dim = self.source.dim
         self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
         self.pairs = None if pairs is None else str(pairs)
-        fixed = None if pairs is None else load_pairs(self.pairs, self.dim)
+        fixed = None if pairs is None else load_pairs(self.pairs, self.dim, self.source)
         self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed, fixed)
         gen = torch.Generator().manual_seed(seed + 12345)
         if fixed is None:

@@ -90,6 +90,14 @@ def generate_pairs(
     return torch.cat(x0s), torch.cat(x1s), sum(nfes) / len(nfes)
 
 
+def source_record(source: Any) -> str:
+    """The source distribution as a JSON spec, stored with the pairs so that training on them
+    can check ``data.source`` (:func:`datamodules.toy.load_pairs`)."""
+    from .spec import to_spec
+
+    return json.dumps(to_spec(source), sort_keys=True)
+
+
 def save_pairs(path: str | os.PathLike, x0: Tensor, x1: Tensor, **meta: Any) -> str:
     """Write pairs (N, *shape) to an ``.npz`` (``x0``, ``x1`` and scalar ``meta``) atomically."""
     if x0.shape != x1.shape:
@@ -201,7 +209,7 @@ class ReflowChain(_HydraCallback):
         stage1 = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         x0, x1, nfe = generate_pairs(stage1, self.num_pairs, self.batch_size, self.solver, self.steps,
                                      self.atol, self.rtol, seed=int(cfg.seed))
-        pairs = save_pairs(out / "pairs.npz", x0, x1, nfe=nfe)
+        pairs = save_pairs(out / "pairs.npz", x0, x1, nfe=nfe, source=source_record(stage1.source))
         log.info("reflow: %d pairs (NFE %.1f) in %s", len(x0), nfe, pairs)
         cfg2 = copy.deepcopy(cfg)
         with open_dict(cfg2):
@@ -248,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_checkpoint(args.ckpt)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
                                      args.tol, args.tol, args.seed, progress=not args.no_progress)
-        path = save_pairs(args.out, x0, x1, nfe=nfe)
+        path = save_pairs(args.out, x0, x1, nfe=nfe, source=source_record(model.source))
     except (ValueError, FileNotFoundError) as err:
         print(f"reflow: error: {err}", file=sys.stderr)
         return 2

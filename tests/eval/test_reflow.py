@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_config, run_cli
-from datamodules.toy import EightGaussians, Gaussian, ToyDataModule
+from datamodules.toy import EightGaussians, Gaussian, ToyDataModule, make_distribution
 from fm_lightning.flow.likelihood import path_energy
 from fm_lightning.flow.objective import CFMObjective
 from fm_lightning.flow.paths import ICFMPath
@@ -98,6 +98,16 @@ def test_pairs_cli_and_save_pairs(tmp_path):
     for out in ("kept.npz", "."):  # an existing file, or a folder
         assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / out)]) == 2
     assert (tmp_path / "kept.npz").read_bytes() == b"earlier pairs"
+
+
+def test_pairs_must_be_trained_from_the_source_they_were_drawn_from(tmp_path):
+    from fm_lightning.reflow import source_record
+
+    x0 = torch.randn(20, 2)
+    path = save_pairs(tmp_path / "p.npz", x0, 2 * x0, source=source_record(make_distribution("gaussian", dim=2)))
+    assert ToyDataModule("gaussian", "moons", pairs=path).pairs == path
+    with pytest.raises(ValueError, match="start from source .*Gaussian.* but data.source is EightGaussians"):
+        ToyDataModule("8gaussians", "moons", pairs=path)
 
 
 def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
