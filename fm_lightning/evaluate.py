@@ -536,6 +536,8 @@ def evaluate_checkpoint(
         result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs)
     report.update(result)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("nfe_sweep.csv", "nfe_sweep.png"):  # an earlier --sweep's, when overwriting without one
+        (out / stale).unlink(missing_ok=True)
     if result["sweep"]:
         metric = "w2" if kind == "points" else "fid"
         csv_path, png_path = write_sweep(result["sweep"], out, metric)

@@ -87,6 +87,11 @@ def test_fm_eval_sweep_flag_writes_the_sweep(ckpt, tmp_path):
     assert evaluate.main([str(ckpt), "--metrics", "w2", "--num-samples", "64", "--sweep", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "nfe_sweep.csv").read_text().count("\n") == 25 and (tmp_path / "nfe_sweep.png").is_file()
     assert "## Quality vs NFE" in (tmp_path / "eval.md").read_text()
+    # Without --overwrite the evaluation is kept; with it, no stale sweep is left beside a new one.
+    assert evaluate.main([str(ckpt), "--metrics", "w2", "--num-samples", "64", "--out", str(tmp_path)]) == 2
+    assert evaluate.main([str(ckpt), "--metrics", "w2", "--num-samples", "64", "--out", str(tmp_path),
+                          "--overwrite"]) == 0
+    assert not (tmp_path / "nfe_sweep.csv").exists() and "## Quality vs NFE" not in (tmp_path / "eval.md").read_text()
 
 
 def test_image_metrics_fid_and_bits_per_dim_of_an_analytic_model():
