@@ -98,6 +98,13 @@ def source_record(source: Any) -> str:
     return json.dumps(to_spec(source), sort_keys=True)
 
 
+def earlier_reflow_error(out: Path) -> str | None:
+    """Why a reflow must not write into ``out`` (``<run>/reflow``): it holds an earlier one."""
+    if out.is_dir() and any(out.iterdir()):
+        return f"{out} holds an earlier reflow (pairs, stage 2); move it away to redo the reflow stages"
+    return None
+
+
 def save_pairs(path: str | os.PathLike, x0: Tensor, x1: Tensor, **meta: Any) -> str:
     """Write pairs (N, *shape) to an ``.npz`` (``x0``, ``x1`` and scalar ``meta``) atomically."""
     if x0.shape != x1.shape:
@@ -178,6 +185,13 @@ class ReflowChain(_HydraCallback):
         self.solver, self.steps, self.atol, self.rtol = solver, int(steps), float(atol), float(rtol)
         self.stage2_max_steps, self.eval_samples = stage2_max_steps, int(eval_samples)
 
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        """Refuse a run directory that holds an earlier reflow, before stage 1 (and before any
+        DDP rank of this job could have written one)."""
+        from .train import exit_with_error
+
+        exit_with_error(earlier_reflow_error(Path(config.hydra.run.dir) / "reflow"))
+
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
@@ -204,8 +218,6 @@ class ReflowChain(_HydraCallback):
 
         run_dir = Path(run_dir)
         out = run_dir / "reflow"
-        if out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"{out} holds an earlier reflow (pairs, stage 2); move it away to redo the reflow stages")
         stage1 = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         x0, x1, nfe = generate_pairs(stage1, self.num_pairs, self.batch_size, self.solver, self.steps,
                                      self.atol, self.rtol, seed=int(cfg.seed))

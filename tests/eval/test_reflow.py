@@ -137,11 +137,13 @@ def test_reflow_chain_runs_stage_two_on_the_pairs(tmp_path):
     assert "w2_euler1" in (out / "reflow.md").read_text()
     # Stage 2 trained on the pairs file: the saved config says so.
     assert str(out / "pairs.npz") in (out / "stage2_config.yaml").read_text()
-    # A second chain on the same run (a resume in place, say) keeps the first one's files.
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="holds an earlier reflow"):
-        chain.run(cfg, tmp_path / "run")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A second reflow job in the same run directory (a resume in place, say) is refused before
+    # its stage 1 starts, so the first one's files are kept.
+    from types import SimpleNamespace
+
+    with pytest.raises(SystemExit) as exit_:
+        chain.on_run_start(SimpleNamespace(hydra=SimpleNamespace(run=SimpleNamespace(dir=str(tmp_path / "run")))))
+    assert exit_.value.code == 2
 
 
 def test_a_failing_reflow_stage_exits_non_zero(monkeypatch, tmp_path):
