@@ -52,7 +52,7 @@ class FlowMatchingCLI(LightningCLI):
         """Refuse a missing, unsafe, foreign or mismatched ``--ckpt_path`` before the run starts."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_weights_fit(self.model, read_checkpoint(ckpt_path), ckpt_path)
+            check_weights_fit(self.model, read_checkpoint(ckpt_path)["state_dict"], ckpt_path)
 
     before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 

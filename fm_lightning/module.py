@@ -355,7 +355,7 @@ def load_checkpoint(
     except TypeError as err:
         raise ValueError(f"{os.fspath(path)!r} is not a checkpoint this fm-lightning can rebuild ({err})") from err
     raw = ckpt.get("current_model_state")
-    weights = {"state_dict": ckpt["state_dict"] if ema or raw is None else raw}
+    weights = ckpt["state_dict"] if ema or raw is None else raw
     check_weights_fit(model, weights, path)
-    model.load_state_dict(weights["state_dict"])
+    model.load_state_dict(weights)
     return model.eval()

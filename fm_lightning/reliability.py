@@ -110,9 +110,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return ckpt
 
 
-def check_weights_fit(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``ckpt``'s ``state_dict`` has exactly ``model``'s entries and shapes."""
-    own, theirs = model.state_dict(), ckpt["state_dict"]
+def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` (read from ``path``) has exactly ``model``'s entries and shapes."""
+    own, theirs = model.state_dict(), state_dict
     differ = sorted((own.keys() ^ theirs.keys()) | {
         k for k in own.keys() & theirs.keys() if tuple(own[k].shape) != tuple(getattr(theirs[k], "shape", ()))})
     if differ:

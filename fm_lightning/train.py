@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise UserError(f"{cause}") from err
     _check_shapes(datamodule, model)
     if ckpt is not None:
-        check_weights_fit(model, ckpt, ckpt_path)
+        check_weights_fit(model, ckpt["state_dict"], ckpt_path)
         del ckpt  # Lightning reads the file again to restore everything
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
