@@ -260,7 +260,8 @@ class Points(Distribution):
 
     Args:
         file: ``.npy`` (array (N, d)), ``.npz`` (key ``points``, ``samples``, or its only array)
-            or ``.csv`` (N rows of d numbers; a non-numeric header row is skipped).
+            or ``.csv`` (N rows of d numbers; a non-numeric header row, ``#`` comments and
+            blank lines are skipped).
     """
 
     def __init__(self, file: str) -> None:
@@ -288,14 +289,7 @@ def load_points(file: str) -> Tensor:
                     raise ValueError(f"{file!r} holds arrays {z.files}; name the points array 'points'")
                 arr = z[keys[0]]
         elif ext == ".csv":
-            with open(file) as f:
-                first = f.readline()
-            try:  # a first row that is not all numbers is a header
-                np.array(first.split(","), dtype=float)
-                header = 0
-            except ValueError:
-                header = 1
-            arr = np.loadtxt(file, delimiter=",", ndmin=2, skiprows=header)
+            arr = _read_csv(file)
         else:
             raise ValueError(f"points file {file!r} must end in .npy, .npz or .csv")
     except (OSError, ValueError) as err:
@@ -305,6 +299,20 @@ def load_points(file: str) -> Tensor:
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise ValueError(f"points file {file!r} contains non-finite or non-numeric values; clean it first")
     return torch.as_tensor(arr, dtype=torch.float32)
+
+
+def _read_csv(file: str) -> np.ndarray:
+    """Rows of numbers (N, d); ``#`` comment and blank lines are skipped, and so is a first
+    row that is not all numbers (a header). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is
+    dropped, so it cannot turn the first data row into a "header"."""
+    with open(file, encoding="utf-8-sig") as f:
+        rows = [line for line in f if line.split("#", 1)[0].strip()]
+    if rows:
+        try:
+            np.array(rows[0].split("#", 1)[0].split(","), dtype=float)
+        except ValueError:
+            rows = rows[1:]
+    return np.loadtxt(rows, delimiter=",", ndmin=2)
 
 
 DISTRIBUTIONS: dict[str, type[Distribution]] = {

@@ -191,6 +191,16 @@ def test_points_csv(tmp_path, header):
     _check_points(make_distribution(str(f)))
 
 
+@pytest.mark.parametrize("preamble", ["\ufeff", "\ufeffx,y\n", "# exported 2026-11-30\n\nx,y  # metres\n"],
+                         ids=["bom", "bom-header", "comments-then-header"])
+def test_points_csv_preamble_keeps_every_row(tmp_path, preamble):
+    """A byte-order mark or comment lines before the header must not cost a data row."""
+    f = tmp_path / "pts.csv"
+    body = "\n".join(",".join(str(v) for v in row) for row in PTS)
+    f.write_text(preamble + body + "\n", encoding="utf-8")
+    np.testing.assert_array_equal(Points(str(f)).data.numpy(), PTS.astype(np.float32))
+
+
 def test_points_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Points(str(tmp_path / "nope.npy"))
