@@ -312,7 +312,12 @@ def _read_csv(file: str) -> np.ndarray:
             np.array(rows[0].split("#", 1)[0].split(","), dtype=float)
         except ValueError:
             rows = rows[1:]
-    return np.loadtxt(rows, delimiter=",", ndmin=2)
+    if not rows:
+        return np.empty((0, 0))
+    try:
+        return np.loadtxt(rows, delimiter=",", ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{err} (a .csv needs one point per line, its numbers separated by commas)") from None
 
 
 DISTRIBUTIONS: dict[str, type[Distribution]] = {

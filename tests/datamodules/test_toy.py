@@ -201,6 +201,15 @@ def test_points_csv_preamble_keeps_every_row(tmp_path, preamble):
     np.testing.assert_array_equal(Points(str(f)).data.numpy(), PTS.astype(np.float32))
 
 
+@pytest.mark.parametrize("text, match", [("x,y\n", r"shape \(N, d\)"), ("", r"shape \(N, d\)"),
+                                         ("1;2\n3;4\n", "separated by commas")], ids=["header-only", "empty", "semicolons"])
+def test_points_csv_without_points(tmp_path, text, match):
+    f = tmp_path / "pts.csv"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        Points(str(f))
+
+
 def test_points_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Points(str(tmp_path / "nope.npy"))
