@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fm_lightning.distributed import per_device_batch_size
 from fm_lightning.flow.couplings import IndependentCoupling
+from fm_lightning.reflow import source_record
 
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
@@ -386,8 +387,6 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None) -> tuple
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read pairs file {file!r}: {err}") from err
     if source is not None and recorded is not None:
-        from fm_lightning.reflow import source_record
-
         if source_record(source) != recorded:
             raise ValueError(
                 f"the pairs in {file!r} start from source {json.loads(recorded)} but data.source is {source}; "

@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .module import load_checkpoint
 
     try:
-        if os.path.isdir(args.out) or (os.path.exists(args.out) and not args.overwrite):
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file path, e.g. {os.path.join(args.out, 'pairs.npz')}")
+        if os.path.exists(args.out) and not args.overwrite:
             raise ValueError(f"--out {args.out} already exists; choose another file, or pass --overwrite to replace it")
         model = load_checkpoint(args.ckpt)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,

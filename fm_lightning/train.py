@@ -80,7 +80,7 @@ class KeepFinishedRuns(Callback):
         ckpt_path = config.get("ckpt_path")
         if str(ckpt_path) == "last":
             try:
-                ckpt_path = find_last_checkpoint(Path(config.paths.log_dir) / config.task_name / "runs")
+                ckpt_path = _last_checkpoint(config)
             except FileNotFoundError:
                 ckpt_path = None  # run() reports it
         exit_with_error(finished_run_error(config.hydra.run.dir, ckpt_path))
@@ -129,6 +129,11 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return metrics
 
 
+def _last_checkpoint(cfg: DictConfig) -> Path:
+    """What ``ckpt_path=last`` means: the newest run of this ``task_name``'s ``last.ckpt``."""
+    return find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+
+
 def _resolve_resume(cfg: DictConfig) -> tuple[str | None, dict | None]:
     """Validate ``ckpt_path`` and read it; ``last`` means the newest run's last.ckpt, resumed in
     that run's directory. Returns ``(path, checkpoint)``, or ``(None, None)``."""
@@ -136,7 +141,7 @@ def _resolve_resume(cfg: DictConfig) -> tuple[str | None, dict | None]:
     if ckpt_path is None:
         return None, None
     if str(ckpt_path) == "last":
-        ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs"))
+        ckpt_path = str(_last_checkpoint(cfg))
         with open_dict(cfg):
             cfg.paths.output_dir = str(Path(ckpt_path).parents[1])
         log.info("resuming %s in place", cfg.paths.output_dir)

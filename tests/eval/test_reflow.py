@@ -90,13 +90,14 @@ def test_bad_pairs_files_get_one_clear_error(tmp_path, kind, message):
         ToyDataModule("gaussian", "moons", pairs=str(path))
 
 
-def test_pairs_cli_and_save_pairs(tmp_path):
+def test_pairs_cli_and_save_pairs(tmp_path, capsys):
     with pytest.raises(ValueError, match="one shape"):
         save_pairs(tmp_path / "x.npz", torch.zeros(3, 2), torch.zeros(3, 3))
     assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "p.npz")]) == 2
     (tmp_path / "kept.npz").write_bytes(b"earlier pairs")
-    for out in ("kept.npz", "."):  # an existing file, or a folder
+    for out, message in (("kept.npz", "pass --overwrite"), (".", "is a folder; give a file path")):
         assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / out)]) == 2
+        assert message in capsys.readouterr().err
     assert (tmp_path / "kept.npz").read_bytes() == b"earlier pairs"
 
 
