@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -10,6 +11,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 __all__ = ["CSVLogger", "WandbLogger", "wandb_has_credentials"]
 
@@ -57,10 +59,11 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(*args, offline=False, log_model=log_model, **kwargs)
         self.offline_mode = offline
 
-    def finish(self) -> None:
-        """Close this run so that the next run in the process (a sweep) starts a new one."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close this run so that the next run in the process (a sweep) starts a new one; a
+        non-zero ``exit_code`` marks it failed."""
         if self._experiment is not None:
-            self._experiment.finish()
+            self._experiment.finish(exit_code=exit_code)
             self._experiment = None
 
 
@@ -77,6 +80,22 @@ class _AppendingExperimentWriter(ExperimentWriter):
 class CSVLogger(_LightningCSVLogger):
     """Lightning's ``CSVLogger``, but a resumed run appends to ``metrics.csv`` instead of
     deleting what the interrupted run wrote. Args as :class:`lightning.pytorch.loggers.CSVLogger`."""
+
+    @rank_zero_only
+    def drop_rows_from(self, step: int) -> None:
+        """Drop the rows of ``step`` and later from ``metrics.csv``: a run resumed from a
+        checkpoint at ``step`` logs them again."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if int(row["step"]) < step]
+            fields = reader.fieldnames
+        with self._fs.open(path, "w", newline="") as f:  # as Lightning's writer
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
     @property
     def experiment(self) -> ExperimentWriter:

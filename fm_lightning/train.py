@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from .distributed import check_devices
+from .loggers import CSVLogger
 from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
 
 __all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error", "exit_with_error"]
@@ -34,6 +38,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 class UserError(Exception):
     """An error in the user's configuration or input, reported without a traceback."""
+
+
+class JobFailed(Exception):
+    """A sweep job that stopped on a :class:`UserError` (already reported): Hydra marks the job
+    failed and the sweep goes on with the others."""
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -74,7 +83,9 @@ def _check_output_dir(output_dir: str, ckpt_path: str | None) -> None:
 class KeepFinishedRuns(Callback):
     """Hydra callback: refuses a run directory that holds an earlier run's checkpoints (unless
     resuming that run), or a sweep directory that holds any, *before* Hydra rewrites the
-    directory's ``.hydra/`` files and appends to its log."""
+    directory's ``.hydra/`` files and appends to its log. A resumed run is continued in its
+    own directory (``ckpt_path=last`` too), and the earlier sessions' ``.hydra/`` files are
+    kept: this session's go to ``.hydra/resume-N/``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         ckpt_path = config.get("ckpt_path")
@@ -83,7 +94,17 @@ class KeepFinishedRuns(Callback):
                 ckpt_path = _last_checkpoint(config)
             except FileNotFoundError:
                 ckpt_path = None  # run() reports it
+            else:
+                with read_write(config.hydra):
+                    config.hydra.run.dir = str(ckpt_path.parents[1])
         exit_with_error(finished_run_error(config.hydra.run.dir, ckpt_path))
+        earlier = Path(config.hydra.run.dir) / str(config.hydra.output_subdir)
+        if config.hydra.output_subdir is not None and (earlier / "config.yaml").exists():
+            n = 1
+            while (earlier / f"resume-{n}").exists():
+                n += 1
+            with read_write(config.hydra):
+                config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{n}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -93,16 +114,32 @@ class KeepFinishedRuns(Callback):
             )
 
 
+def _report_error(error: object) -> None:
+    """One message on stderr (and in the run's log file, if one is open, but not again on the console)."""
+    print(f"fm-train: error: {error}", file=sys.stderr)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def exit_with_error(error: object) -> None:
-    """If there is an ``error``: one message on stderr (and in the run's log file, if one is
-    open, but not again on the console), then exit with status 2."""
+    """If there is an ``error``: report it (:func:`_report_error`), then exit with status 2."""
     if error:
-        print(f"fm-train: error: {error}", file=sys.stderr)
-        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
+        _report_error(error)
         sys.exit(2)
+
+
+def _instantiation_error(err: InstantiationException) -> str:
+    """Hydra's error, led by the config key of the object that failed; a type error (a word
+    where a number belongs, say) also says where to look."""
+    cause = err.__cause__ or err
+    key = re.search(r"full_key: (\S+)", str(err))
+    if key is None:
+        return f"{cause}"
+    if isinstance(cause, TypeError):
+        return f"{key[1]}: {cause}; check the types of the values set under {key[1]} (a word where a number belongs?)"
+    return f"{key[1]}: {cause}"
 
 
 def _check_shapes(datamodule: Any, model: Any) -> None:
@@ -127,6 +164,29 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
         metrics[key] = value if math.isfinite(value) else str(value)
     metrics["global_step"] = trainer.global_step
     return metrics
+
+
+def _read_metrics(output_dir: str) -> dict[str, Any]:
+    """The ``metrics.json`` an earlier session of the run in ``output_dir`` wrote (``{}`` if none)."""
+    path = Path(output_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _continue_wandb(cfg: DictConfig, resuming: bool) -> None:
+    """W&B conventions for the ``wandb`` logger, unless set: the jobs of one sweep share the
+    group ``<task_name>_<sweep folder name>``, and a resumed run continues the W&B run its
+    directory already holds (same ``id``, ``resume="allow"``)."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg:
+        return
+    with open_dict(wandb_cfg):
+        if wandb_cfg.get("group") is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
+        if resuming and wandb_cfg.get("id") is None:
+            earlier = sorted(Path(wandb_cfg.save_dir, "wandb").glob("*run-*-*"), key=os.path.getmtime)
+            if earlier:
+                wandb_cfg.id = earlier[-1].name.rsplit("-", 1)[1]
+                wandb_cfg.resume = "allow"
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path:
@@ -177,6 +237,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
     if cfg.get("matmul_precision") and torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 on Ampere and newer
+    _continue_wandb(cfg, resuming=ckpt_path is not None)
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
         model = hydra.utils.instantiate(cfg.model)
@@ -186,20 +247,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        raise UserError(f"{cause}") from err
+        raise UserError(_instantiation_error(err)) from err
     _check_shapes(datamodule, model)
+    start_step = None
     if ckpt is not None:
         check_weights_fit(model, ckpt["state_dict"], ckpt_path)
+        start_step = ckpt.get("global_step")
         del ckpt  # Lightning reads the file again to restore everything
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.drop_rows_from(start_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    failed = True
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        failed = False
     finally:
         for logger in loggers:
             if hasattr(logger, "finish"):
-                logger.finish()
+                logger.finish(exit_code=int(failed))
+    if ckpt_path is not None and trainer.global_step == start_step:
+        log.warning("nothing to train: %s is at step %d, where this run's trainer stops; raise "
+                    "trainer.max_steps (or max_epochs) to train on. metrics.json is kept as it was.",
+                    ckpt_path, start_step)
+        return _read_metrics(output_dir)
     metrics = _final_metrics(trainer)
     if trainer.is_global_zero:
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:
@@ -214,6 +286,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep
+            _report_error(err)
+            raise JobFailed(str(err)) from None
         exit_with_error(err)
     value = metrics.get(cfg.get("optimized_metric") or "val/w2")
     return value if isinstance(value, float) else None

@@ -71,3 +71,9 @@ def test_unknown_group_option_names_the_choices(tmp_path):
 
     with pytest.raises(MissingConfigException, match="otcfm"):
         compose_config(["flow=nope"], tmp_path)
+
+
+@pytest.mark.parametrize("option", ["toy_reflow", "toy_table"])
+def test_a_preset_sets_its_own_task_name(option, tmp_path):
+    # The presets' task_name (and so their logs/<task_name>/ folder) wins over train.yaml's default.
+    assert compose_config([f"experiment={option}"], tmp_path).task_name == {"toy_reflow": "reflow"}.get(option, option)

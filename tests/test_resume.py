@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from conftest import compose_config, run_cli
@@ -47,10 +48,11 @@ def _train(overrides: list[str], run_dir: Path, *extra: str):
     return run_cli("fm-train", *overrides, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent)
 
 
-def _losses(run_dir: Path) -> dict[int, str]:
-    """train/loss by step; a step logged twice (before the kill and after resume) keeps its last row."""
+def _losses(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, train/loss) rows of metrics.csv, in order (a resumed run must not repeat the steps
+    that the killed one logged after its last checkpoint)."""
     with open(run_dir / "csv/metrics.csv") as f:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 def _last(run_dir: Path) -> dict:
@@ -72,7 +74,7 @@ def assert_same_run(a: Path, b: Path, steps: int, ema: bool) -> None:
         assert any(not torch.equal(v, ca["current_model_state"][k]) for k, v in ca["state_dict"].items())
         assert int(ca["averaging_state"]["n_averaged"]) == int(cb["averaging_state"]["n_averaged"]) == steps
     losses = _losses(a)
-    assert _losses(b) == losses and sorted(losses) == list(range(steps))
+    assert _losses(b) == losses and [step for step, _ in losses] == list(range(steps))
 
 
 def kill_and_resume(overrides: list[str], run_dir: Path, kill_step: int, monkeypatch) -> tuple[int, str]:
@@ -168,10 +170,31 @@ def test_last_ckpt_holds_the_final_step_and_a_resume_from_it_trains_nothing(tmp_
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in weights.items())  # the EMA weights
     assert any(not torch.equal(ckpt["current_model_state"][k], v) for k, v in weights.items())  # the raw ones
 
-    before = last.read_bytes()
+    before, metrics_before = last.read_bytes(), (run_dir / "metrics.json").read_text()
     metrics = run(compose_config([*overrides, "ckpt_path=last"]))
     assert metrics["global_step"] == 30 and last.read_bytes() == before
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    assert (run_dir / "metrics.json").read_text() == metrics_before and "val/w2" in metrics
+
+
+def test_resume_continues_in_the_run_directory_and_keeps_its_earlier_config(tmp_path):
+    """fm-train ckpt_path=last makes no new run folder, and neither it nor the README's
+    explicit form (ckpt_path=<run>/checkpoints/last.ckpt hydra.run.dir=<run>) overwrites the
+    .hydra/ files of the sessions before."""
+    logs = tmp_path / "logs"
+    common = ["debug=fast", f"paths.log_dir={logs}", "model.lr_scheduler.warmup_steps=1"]
+    assert run_cli("fm-train", *common, "trainer.max_steps=20", cwd=tmp_path).returncode == 0
+    (run_dir,) = (logs / "train/runs").iterdir()
+    proc = run_cli("fm-train", *common, "trainer.max_steps=30", "ckpt_path=last", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("fm-train", *common, "trainer.max_steps=40", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((logs / "train/runs").iterdir()) == [run_dir]
+    steps = [OmegaConf.load(run_dir / sub / "config.yaml").trainer.max_steps
+             for sub in (".hydra", ".hydra/resume-1", ".hydra/resume-2")]
+    assert steps == [20, 30, 40]
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 40
 
 
 class _Noisy(L.LightningModule):

@@ -20,17 +20,28 @@ def test_multirun_gives_each_job_its_own_directory_and_grouped_wandb_run(tmp_pat
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
         record = next(runs[0].glob("run-*.wandb")).read_bytes()
-        groups.add(b"train_" in record)
-    assert groups == {True}
+        groups.add(b"train_sweep" in record)
+    assert groups == {True}  # one W&B group for the whole sweep: <task_name>_<sweep folder name>
     seeds = {OmegaConf.load(j / ".hydra/config.yaml").seed for j in jobs}
     assert seeds == {0, 1}
 
 
-def test_optuna_search_minimises_val_w2(tmp_path):
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("fm-train", "hparams_search=toy_optuna", "debug=fast", "hydra.sweeper.n_trials=2",
-                   "hydra.sweeper.sampler.n_startup_trials=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600)
+    proc = run_cli("fm-train", "-m", "model.optimizer.lr=1e30,1e-3", "debug=fast", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path, timeout=600)
+    assert proc.returncode != 0 and "fm-train: error: non-finite loss" in proc.stderr
+    assert not (sweep / "0/metrics.json").exists() and (sweep / "1/metrics.json").is_file()
+
+
+def test_optuna_search_minimises_val_w2_and_goes_on_past_a_failed_trial(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("fm-train", "hparams_search=toy_optuna", "debug=fast", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=3", "model.optimizer.lr=choice(1e30,1e-3)",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = (sweep / "optimization_results.yaml").read_text()
-    assert "best_params" in result and "best_value" in result
-    assert len([p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]) == 2
+    result = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert result.best_params["model.optimizer.lr"] == 1e-3 and result.best_value > 0
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
+    assert len(jobs) == 3
+    assert 0 < sum((j / "metrics.json").is_file() for j in jobs) < 3  # the 1e30 trials failed, the others ran

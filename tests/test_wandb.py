@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import pytest
 
 from fm_lightning.loggers import WandbLogger
+from fm_lightning.reliability import NonFiniteError
 from fm_lightning.train import run
 
 
@@ -15,6 +17,53 @@ def _wandb_run_dir(output_dir):
     runs = list((output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def _records(path):
+    """The protobuf records of a W&B ``.wandb`` file: a 7-byte file header, then the LevelDB
+    log format (32 KiB blocks of chunks, each with a 7-byte header: crc, length, kind)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, chunks = path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left for a chunk header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def _run_and_exit(run_dir):
+    """``(run id, exit code)`` of the finished offline W&B run in ``run_dir`` (the file is
+    written by W&B's service process; wait until its exit record is there)."""
+    for _ in range(60):
+        records = list(_records(next(run_dir.glob("run-*.wandb"))))
+        kinds = {r.WhichOneof("record_type"): r for r in records}
+        if "exit" in kinds:
+            return kinds["run"].run.run_id, kinds["exit"].exit.exit_code
+        time.sleep(0.5)
+    raise AssertionError(f"no exit record in {run_dir}")
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_failed_one_is_marked_failed(tiny_cfg, tmp_path):
+    wandb = ["logger=wandb", "logger.wandb.offline=true", "model.lr_scheduler.warmup_steps=1"]
+    run(tiny_cfg(*wandb, "trainer.max_steps=20"))
+    run(tiny_cfg(*wandb, "trainer.max_steps=30", f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))
+    sessions = sorted((tmp_path / "run/wandb").glob("offline-run-*"))
+    assert len(sessions) == 2
+    (first_id, first_exit), resumed = [_run_and_exit(d) for d in sessions]
+    assert first_exit == 0 and resumed == (first_id, 0)
+    with pytest.raises(NonFiniteError):
+        run(tiny_cfg(*wandb, "model.optimizer.lr=1e30", output_dir=tmp_path / "bad"))
+    assert _run_and_exit(_wandb_run_dir(tmp_path / "bad"))[1] == 1
 
 
 def test_offline_run_writes_config_metrics_and_images_and_leaks_nothing(tiny_cfg, tmp_path, monkeypatch):
@@ -29,6 +78,10 @@ def test_offline_run_writes_config_metrics_and_images_and_leaks_nothing(tiny_cfg
             break
         time.sleep(0.5)
     assert b"ExactOTCoupling" in record and b"8gaussians" in record  # the resolved config
+    config_keys = {item.key for r in _records(record_file) if r.WhichOneof("record_type") == "config"
+                   for item in r.config.update}
+    assert {"data", "model", "trainer", "seed"} <= config_keys  # the Hydra config, once: no copy of
+    assert not config_keys & {"net", "flow", "solver"}  # the module's hyperparameters beside it
     assert b"val/w2" in record and b"train/loss" in record  # slash-grouped scalar metrics
     images = list((wb / "files/media/images").rglob("*.png"))
     assert any("samples" in p.name for p in images) and any("trajectories" in p.name for p in images)
