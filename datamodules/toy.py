@@ -297,22 +297,32 @@ def load_points(file: str) -> Tensor:
         raise ValueError(f"cannot read points file {file!r}: {err}") from err
     if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
         raise ValueError(f"points file {file!r} must hold an array of shape (N, d) with N >= 2, got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-        raise ValueError(f"points file {file!r} contains non-finite or non-numeric values; clean it first")
-    return torch.as_tensor(arr, dtype=torch.float32)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"points file {file!r} holds {arr.dtype} values; points must be real numbers")
+    points = torch.as_tensor(arr, dtype=torch.float32)
+    if not torch.isfinite(points).all():
+        raise ValueError(f"points file {file!r} contains non-finite values (NaN/inf, or beyond float32 range "
+                         "|x| > 3.4e38); clean it first")
+    return points
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(file: str) -> np.ndarray:
     """Rows of numbers (N, d); ``#`` comment and blank lines are skipped, and so is a first
-    row that is not all numbers (a header). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is
-    dropped, so it cannot turn the first data row into a "header"."""
+    row with no number in it (a header; a row with a typo stays data, and is reported). A
+    UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, so it cannot turn the first data
+    row into a "header"."""
     with open(file, encoding="utf-8-sig") as f:
         rows = [line for line in f if line.split("#", 1)[0].strip()]
-    if rows:
-        try:
-            np.array(rows[0].split("#", 1)[0].split(","), dtype=float)
-        except ValueError:
-            rows = rows[1:]
+    if rows and not any(_is_number(field) for field in rows[0].split("#", 1)[0].split(",")):
+        rows = rows[1:]
     if not rows:
         return np.empty((0, 0))
     try:

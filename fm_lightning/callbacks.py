@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .flow.solve import Solver
+from .flow.solve import Solver, check_solver
 from .metrics import FID, wasserstein2
 from .progress import track
 
@@ -46,20 +46,31 @@ def log_image(trainer: L.Trainer, key: str, path: str) -> None:
 
 
 def _scatter_figure(samples: Tensor, target: Tensor, source: Tensor) -> Figure:
+    """Points (N, d): dims 0 and 1 against each other, or histograms of 1-D data."""
     fig = Figure(figsize=(5, 5), dpi=100)
     ax = fig.add_subplot()
-    ax.scatter(*target[:, :2].T, s=2, alpha=0.4, c="tab:gray", label="target")
-    ax.scatter(*source[:, :2].T, s=2, alpha=0.4, c="tab:blue", label="source")
-    ax.scatter(*samples[:, :2].T, s=2, alpha=0.6, c="tab:orange", label="samples")
+    for points, color, label, alpha in ((target, "tab:gray", "target", 0.4), (source, "tab:blue", "source", 0.4),
+                                        (samples, "tab:orange", "samples", 0.6)):
+        if points.shape[1] == 1:
+            ax.hist(points[:, 0].numpy(), bins=60, density=True, histtype="step", color=color, label=label)
+        else:
+            ax.scatter(*points[:, :2].T, s=2, alpha=alpha, c=color, label=label)
     ax.legend(loc="upper right", markerscale=4)
-    ax.set_aspect("equal")
+    if samples.shape[1] > 1:
+        ax.set_aspect("equal")
     return fig
 
 
 def _trajectory_figure(traj: Tensor) -> Figure:
-    """``traj``: (T, B, d) states; plots dims 0 and 1."""
+    """``traj``: (T, B, d) states at evenly spaced times; plots dim 1 against dim 0 (1-D data:
+    the state against t)."""
     fig = Figure(figsize=(5, 5), dpi=100)
     ax = fig.add_subplot()
+    if traj.shape[-1] == 1:
+        t = torch.linspace(0, 1, traj.shape[0])
+        ax.plot(t.numpy(), traj[:, :, 0].numpy(), c="olive", alpha=0.15, lw=0.6)
+        ax.set_xlabel("t")
+        return fig
     ax.plot(traj[:, :, 0].numpy(), traj[:, :, 1].numpy(), c="olive", alpha=0.15, lw=0.6)
     ax.scatter(*traj[0, :, :2].T, s=3, c="black", label="x0")
     ax.scatter(*traj[-1, :, :2].T, s=3, c="tab:blue", label="x1")
@@ -230,7 +241,7 @@ class SampleCallback(L.Callback):
         nfe_sweep: when fit ends, sweep quality (W2) against NFE over euler / midpoint / rk4 /
             dopri5 settings (:func:`fm_lightning.evaluate.sweep_grid`) from the fixed source points;
             writes ``nfe_sweep.csv`` and ``nfe_sweep.png`` into the run directory and logs the
-            plot and a table (``samples/nfe_sweep``; W&B). Unconditional point data only; image
+            plot (``samples/nfe_sweep_plot``) and a table (``samples/nfe_sweep``; W&B). Unconditional point data only; image
             models are swept by ``fm-eval --sweep``.
         dirpath: folder of the plots (``fm-train``: the run directory). Default, as Lightning's
             ``ModelCheckpoint``: the logger's version folder (``trainer.log_dir``), so that runs
@@ -270,6 +281,8 @@ class SampleCallback(L.Callback):
         self.last_metrics: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        # bad solver settings fail here, before training, not at the first validation
+        check_solver(**{k: pl_module.hparams[k] if v is None else v for k, v in self.solver_kwargs.items()})
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         self._cond = _fixed_labels(pl_module, self.num_samples)
         # trainer.log_dir is collective (a broadcast): read it here, on every rank.
@@ -314,7 +327,7 @@ class SampleCallback(L.Callback):
             rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, target)},
                              progress=trainer.progress_bar_callback is not None)
         _, png = write_sweep(rows, self._out_dir(), "w2")
-        log_image(trainer, "samples/nfe_sweep", png)
+        log_image(trainer, "samples/nfe_sweep_plot", png)
         log_sweep_table(trainer.loggers, rows, key="samples/nfe_sweep")
 
     @torch.no_grad()

@@ -116,6 +116,29 @@ def test_a_points_file_works_as_target_and_as_source(tiny_cfg, tmp_path, monkeyp
     assert np.load(elsewhere / "b.npz")["samples"].shape == (5, 3)
 
 
+def test_one_dimensional_points_train_and_plot(tiny_cfg, tmp_path):
+    np.savetxt(tmp_path / "one.csv", np.random.default_rng(0).normal(size=(300, 1)) + 4.0)
+    metrics = run(tiny_cfg("data.source=gaussian", f"data.target={tmp_path / 'one.csv'}", "data.dim=1"))
+    assert metrics["val/w2"] < 4.0  # the untrained flow leaves the samples near N(0, 1), 4 away
+    for name in ("samples.png", "trajectories.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override", ["callbacks.samples.solver=nope", "callbacks.samples.steps=0",
+                                      "callbacks.samples.atol=0"])
+def test_bad_sampling_settings_are_refused_before_training(tiny_cfg, tmp_path, override):
+    solver = [] if "solver" in override else ["callbacks.samples.solver=" + ("rk4" if "steps" in override else "dopri5")]
+    with pytest.raises(ValueError, match="unknown solver|needs steps >= 1|needs atol > 0"):
+        run(tiny_cfg(override, *solver))
+    assert not (tmp_path / "run/checkpoints").exists()  # no step was trained
+
+
+@pytest.mark.parametrize("override, key", [("model.net.width=abc", "model.net"), ("data.batch_size=abc", "data")])
+def test_a_word_where_a_number_belongs_names_the_config_key(tiny_cfg, override, key):
+    with pytest.raises(UserError, match=rf"^{key}: .*check the types of the values set under {key}"):
+        run(tiny_cfg(override))
+
+
 def test_a_second_run_never_overwrites_an_earlier_run(tiny_cfg, tmp_path):
     run(tiny_cfg())
     ckpt = tmp_path / "run/checkpoints/last.ckpt"

@@ -150,7 +150,7 @@ class SchrodingerBridgePath(ProbabilityPath):
 
     def __init__(self, sigma: float = 1.0) -> None:
         if not sigma > 0:
-            raise ValueError(f"SchrodingerBridgePath needs sigma > 0, got {sigma}; use ICFMPath for sigma=0")
+            raise ValueError(f"SchrodingerBridgePath needs sigma > 0, got {sigma}; use ICFMPath (flow=icfm) for sigma=0")
         self.sigma = float(sigma)
 
     def interpolate(self, x0, x1, t, eps):

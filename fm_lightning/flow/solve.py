@@ -7,6 +7,7 @@ Integration always runs in fp32 under ``torch.no_grad`` (autocast disabled).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, get_args
@@ -44,23 +45,47 @@ def check_solver(solver: str, steps: int | None = None, atol: float = 1e-5, rtol
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
     if solver in FIXED_STEP_SOLVERS:
-        if steps is None or int(steps) < 1:
-            raise ValueError(f"fixed-step solver {solver!r} needs steps >= 1, got {steps}")
-    elif not (atol > 0 and rtol > 0):
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"fixed-step solver {solver!r} needs steps >= 1 (a whole number), got {steps!r}")
+    elif not all(isinstance(tol, numbers.Real) and tol > 0 for tol in (atol, rtol)):  # NaN too
         raise ValueError(f"adaptive solver {solver!r} needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
+    elif rtol < torch.finfo(torch.float32).eps:
+        raise ValueError(f"adaptive solver {solver!r}: rtol={rtol:g} is below float32 resolution (1.2e-07); float32 "
+                         "states cannot be that precise and the solve may never end: use rtol 1e-6 or larger")
+
+
+#: Velocity evaluations after which an adaptive solve is given up (it would otherwise never end).
+MAX_NFE = 10_000
+
+
+class _SolveFailed(Exception):
+    """Raised inside torchdyn's loop to stop an integration that cannot succeed."""
 
 
 class _TorchdynField(torch.nn.Module):
-    """torchdyn's ``f(t, x)`` view of a project velocity ``v(x, t)``; counts evaluations."""
+    """torchdyn's ``f(t, x)`` view of a project velocity ``v(x, t)``; counts evaluations and
+    stops the solve on a non-finite velocity or after ``max_nfe`` evaluations."""
 
-    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor]) -> None:
+    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor], max_nfe: int) -> None:
         super().__init__()
-        self.velocity = velocity
+        self.velocity, self.max_nfe = velocity, max_nfe
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor, args=None) -> Tensor:
         self.nfe += 1
-        return self.velocity(x, t.reshape(()).expand(x.shape[0])).float()
+        v = self.velocity(x, t.reshape(()).expand(x.shape[0])).float()
+        if not torch.isfinite(v).all():
+            raise _SolveFailed(
+                f"the velocity is not finite at t={float(t):.3g} (after {self.nfe} evaluations): the start "
+                "points or the net's weights hold NaN/inf values, or the state left float32 range"
+            )
+        if self.nfe > self.max_nfe:
+            raise _SolveFailed(
+                f"the adaptive solver did not reach the end within {self.max_nfe} velocity evaluations "
+                f"(stuck at t={float(t):.3g}); loosen atol/rtol (float32 resolves relative changes of "
+                "about 1e-7) or use a fixed-step solver"
+            )
+        return v
 
 
 def _torchdyn_solver(solver: str):
@@ -102,12 +127,15 @@ def odeint(
         num_saves: if > 1, also return the trajectory at this many evenly spaced times.
         t0: start time.
         t1: end time (may be < ``t0`` to integrate backwards).
+
+    Raises ``ValueError`` on a non-finite velocity, or when an adaptive solver needs more than
+    :data:`MAX_NFE` evaluations.
     """
     from torchdyn.numerics import odeint as torchdyn_odeint
 
     check_solver(solver, steps, atol, rtol)
     x0 = x0.float()
-    field = _TorchdynField(velocity)
+    field = _TorchdynField(velocity, max_nfe=MAX_NFE)
     device = x0.device
     # torchdyn flips a decreasing t_span itself, but then never matches the fixed-step
     # ``save_at`` times and returns negated times; integrate ``-v(x, -s)`` over s in [-t0, -t1].
@@ -126,7 +154,10 @@ def odeint(
         kwargs = {"atol": atol, "rtol": rtol}
     with torch.no_grad(), torch.autocast(device.type, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting tolerances has no effect")
-        t_eval, traj = torchdyn_odeint(f, x0, t_span, _torchdyn_solver(solver), **kwargs)
+        try:
+            t_eval, traj = torchdyn_odeint(f, x0, t_span, _torchdyn_solver(solver), **kwargs)
+        except _SolveFailed as err:
+            raise ValueError(f"{solver}: {err}") from None
     if reverse:
         t_eval = -t_eval
     if num_saves > 1:

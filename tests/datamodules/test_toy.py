@@ -237,6 +237,24 @@ def test_points_non_finite(tmp_path, bad):
         Points(str(g))
 
 
+def test_points_beyond_float32_or_complex_are_refused(tmp_path):
+    big = tmp_path / "big.npy"
+    np.save(big, np.array([[1.0, 2.0], [1e39, 0.0]]))  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="non-finite values .*beyond float32 range"):
+        Points(str(big))
+    cplx = tmp_path / "cplx.npy"
+    np.save(cplx, PTS + 1j)
+    with pytest.raises(ValueError, match="complex128 values; points must be real numbers"):
+        Points(str(cplx))
+
+
+def test_points_csv_first_row_with_a_typo_is_data_not_a_header(tmp_path):
+    f = tmp_path / "pts.csv"
+    f.write_text("1.0,2.0x\n3,4\n5,6\n")
+    with pytest.raises(ValueError, match="2.0x"):
+        Points(str(f))
+
+
 def test_points_unknown_extension_and_garbage(tmp_path):
     f = tmp_path / "pts.txt"
     f.write_text("1,2\n3,4\n")

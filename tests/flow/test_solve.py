@@ -218,19 +218,39 @@ def test_unknown_solver_lists_choices():
 
 
 @pytest.mark.parametrize("solver", FIXED)
-@pytest.mark.parametrize("steps", [0, -3, None])
+@pytest.mark.parametrize("steps", [0, -3, None, 2.5, "10"])
 def test_bad_steps_raise(solver, steps):
-    with pytest.raises(ValueError, match="steps >= 1"):
+    with pytest.raises(ValueError, match=r"needs steps >= 1 \(a whole number\)"):
         odeint(lambda x, t: x, _x0(), solver, steps=steps)
 
 
 @pytest.mark.parametrize("solver", ADAPTIVE)
-@pytest.mark.parametrize("atol,rtol", [(0.0, 1e-5), (1e-5, -1.0)])
+@pytest.mark.parametrize("atol,rtol", [(0.0, 1e-5), (1e-5, -1.0), (float("nan"), 1e-5), ("1e-5x", 1e-5), (1e-5, 1e-9)])
 def test_bad_tolerances_raise(solver, atol, rtol):
-    with pytest.raises(ValueError, match="atol > 0 and rtol > 0"):
+    with pytest.raises(ValueError, match="atol > 0 and rtol > 0|rtol=1e-09 is below float32 resolution"):
         odeint(lambda x, t: x, _x0(), solver, atol=atol, rtol=rtol)
 
 
 def test_adaptive_ignores_steps():
     sol = odeint(lambda x, t: x, _x0(), "dopri5", steps=None)
     torch.testing.assert_close(sol.x, _x0() * math.e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dopri5"])
+@pytest.mark.parametrize("where", ["x0", "net"])
+def test_non_finite_velocity_stops_the_solve(solver, where):
+    x0 = _x0()
+    if where == "x0":
+        x0[1, 0] = float("inf")
+    velocity = (lambda x, t: -x) if where == "x0" else (lambda x, t: x * float("nan"))
+    with pytest.raises(ValueError, match="velocity is not finite at t=0 .*NaN/inf"):
+        odeint(velocity, x0, solver, steps=4)
+
+
+def test_adaptive_solve_that_cannot_finish_is_stopped(monkeypatch):
+    # A field that oscillates 1000 times over [0, 1] needs far more evaluations than the cap:
+    # the solve stops with advice instead of running on.
+    monkeypatch.setattr("fm_lightning.flow.solve.MAX_NFE", 300)
+    with pytest.raises(ValueError, match="did not reach the end within 300 velocity evaluations.*loosen atol/rtol"):
+        odeint(lambda x, t: torch.cos(2000 * math.pi * t)[:, None] * x, _x0(), "dopri5", atol=1e-6, rtol=1e-6)
+    assert odeint(lambda x, t: -x, _x0(), "dopri5").nfe < 300  # an ordinary solve is not affected
