@@ -82,16 +82,27 @@ class ModelCheckpoint(_LightningModelCheckpoint):
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``; one clear error for a missing,
-    unreadable, unsafe or foreign file. Never unpickles arbitrary objects."""
+    unreadable, truncated, corrupt (a zip checksum that fails, NaN/inf weights), unsafe or
+    foreign file. Never unpickles arbitrary objects."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory; pass a .ckpt file in it, such as <run>/checkpoints/last.ckpt")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .ckpt file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a regular file, so not a checkpoint; pass the path of a .ckpt file")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
+        head = f.read(4)
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format, without checksums
+        damage = None
+    elif head == b"PK\x03\x04":  # torch's zip format
+        damage = _zip_damage(path)
+    elif b"PK\x03\x04".startswith(head):
+        damage = "it is empty or truncated"
+    else:
         raise ValueError(f"{path!r} is not a readable checkpoint (not a file written by torch.save)")
+    if damage:
+        raise ValueError(f"corrupt checkpoint {path!r}: {damage}; use an intact copy or an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -107,7 +118,28 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"{path!r} is not an fm-lightning checkpoint (it lacks the state_dict, or the recorded net, flow and "
             "source); pass a .ckpt file written by fm-train"
         )
+    for part in ("state_dict", "current_model_state"):
+        for key, value in (ckpt.get(part) or {}).items():
+            # A finite sum proves every entry finite; only a sum that overflowed needs the full check.
+            if (isinstance(value, torch.Tensor) and value.is_floating_point() and not value.sum().isfinite()
+                    and not value.isfinite().all()):
+                raise ValueError(
+                    f"corrupt checkpoint {path!r}: its weight {key!r} holds NaN or inf values; use an earlier "
+                    "checkpoint of the run"
+                )
     return ckpt
+
+
+def _zip_damage(path: str) -> str | None:
+    """What is wrong with the zip file ``path``; ``None`` if it is whole and every record matches its CRC-32."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return "it is truncated (or its zip index is damaged)"
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as err:  # zipfile raises many kinds of error on a damaged index
+        return f"its zip index is damaged ({type(err).__name__}: {err})"
+    return None if bad is None else f"its record {bad!r} fails its checksum (the file changed after it was written)"
 
 
 def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, Any], path: str | os.PathLike) -> None:
@@ -119,7 +151,7 @@ def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, Any], path: 
         raise ValueError(
             f"{os.fspath(path)!r} holds a different model than this config ({len(differ)} weights are missing, extra "
             f"or of another shape, e.g. {differ[0]!r}); resume with the config it was trained with (its run's "
-            ".hydra/config.yaml)"
+            ".hydra/config.yaml, or config.yaml for fm-cli)"
         )
 
 

@@ -4,7 +4,8 @@ Image checkpoints also get a PNG grid (``--grid``, default ``--out`` with ``.png
 conditional checkpoints need ``--class K``, ``--class all`` (balanced, one class per grid
 column) or ``--class null`` (unconditional), and take a guidance scale ``--guidance s``. The EMA
 weights are used when the checkpoint has them (``--raw-weights`` for the others). Existing
-files are never replaced without ``--overwrite``.
+files are never replaced without ``--overwrite``; the output files and the device are checked
+before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import math
 import os
 import sys
-from typing import Sequence
+import tempfile
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -62,25 +64,82 @@ def _labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | str |
     return torch.full((n,), k)
 
 
+def _target(path: str, ext: str, flag: str, overwrite: bool) -> str:
+    """``path`` (``ext`` added if missing), once it names a file that can be written there;
+    ``ValueError`` otherwise, also for an existing file without ``overwrite``."""
+    if not os.path.basename(path) or os.path.isdir(path):
+        example = os.path.join(path, "samples" + ext)
+        raise ValueError(f"{flag} {path!r} names a folder; give a file name, such as {example}")
+    path = path if path.endswith(ext) else path + ext
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} names a folder; give another file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"output directory {folder} does not exist; create it or choose another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # leaves nothing behind
+    except OSError as err:
+        raise ValueError(f"cannot write into {folder} ({err.strerror}); choose another {flag}") from None
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; choose another {flag}, or pass --overwrite")
+    return path
+
+
+def _check_device(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and not count:
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def _load(args: argparse.Namespace, source: Any) -> Any:
+    """The checkpoint's model, drawing x0 from ``source`` if given; a recorded points file that
+    has moved, and a ``--source-file`` the checkpoint's path cannot take, get their own message."""
+    from .module import load_checkpoint
+    from .reliability import read_checkpoint
+    from .spec import from_spec
+
+    try:
+        return load_checkpoint(args.ckpt, map_location=args.device, ema=not args.raw_weights, source=source)
+    except (ValueError, FileNotFoundError) as err:
+        hparams = read_checkpoint(args.ckpt)["hyper_parameters"]  # raises again if reading it was what failed
+        if source is None and isinstance(err, FileNotFoundError):  # its recorded source is the only file opened
+            raise ValueError(
+                f"the source points file {hparams['source']['init_args']['file']!r} recorded in the checkpoint does "
+                "not exist (moved since training?); pass --source-file with the points to draw x0 from"
+            ) from None
+        try:
+            path = None if source is None else from_spec(hparams["flow"]).path
+        except (TypeError, ValueError, AttributeError):  # a flow this version cannot rebuild: err says so
+            path = None
+        if getattr(path, "requires_gaussian_source", False):
+            raise ValueError(
+                f"this checkpoint's path ({type(path).__name__}) assumes a standard Gaussian source: it maps "
+                "x0 ~ N(0, I) only, so --source-file cannot be used with it; leave --source-file out"
+            ) from None
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     args = _parser().parse_args(argv)
-    if not args.out.endswith(".npz"):
-        args.out += ".npz"  # what np.savez writes
     from datamodules.toy import Points
-
-    from .module import load_checkpoint
 
     try:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"output directory {out_dir} does not exist; create it or choose another --out")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        args.out = _target(args.out, ".npz", "--out", args.overwrite)
+        _check_device(args.device)
         source = None if args.source_file is None else Points(args.source_file)
-        model = load_checkpoint(args.ckpt, map_location=args.device, ema=not args.raw_weights, source=source)
+        model = _load(args, source)
         if args.label is not None and not model.num_classes:
             raise ValueError("--class needs a class-conditional checkpoint; this one is unconditional")
         dim = getattr(model.net, "dim", None)
@@ -91,10 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         gen = torch.Generator().manual_seed(args.seed)
         x0 = model.source.sample(args.num_samples, gen)
-        grid = (args.grid or os.path.splitext(args.out)[0] + ".png") if x0.dim() == 4 else None
-        taken = [f for f in (args.out, grid) if f is not None and os.path.exists(f)]
-        if taken and not args.overwrite:
-            raise ValueError(f"{taken[0]} already exists; choose another --out (or --grid), or pass --overwrite")
+        grid = None
+        if x0.dim() == 4:
+            grid = _target(args.grid or os.path.splitext(args.out)[0] + ".png", ".png", "--grid", args.overwrite)
         labels = _labels(args.label, args.num_samples, model.num_classes)
         chunks, nfe = [], 0
         starts = track(range(0, args.num_samples, args.batch_size), "samples", args.num_samples,
@@ -108,18 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunks.append(sol.x.cpu())
             nfe = max(nfe, sol.nfe)
         samples = torch.cat(chunks)
-    except (ValueError, FileNotFoundError) as err:
+        extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
+        with open(args.out + ".part", "wb") as f:  # renamed into place: a failed write keeps an older --out
+            np.savez(f, samples=samples.numpy(), nfe=nfe, **extra)
+        os.replace(args.out + ".part", args.out)
+        print(f"wrote {args.num_samples} samples (NFE {nfe}) to {args.out}")
+        if grid is not None:
+            from .callbacks import save_image_grid
+
+            nrow = model.num_classes if args.label == "all" else math.ceil(math.sqrt(min(len(samples), 256)))
+            save_image_grid(samples[:256], grid, nrow)
+            print(f"wrote an image grid to {grid}")
+    except (ValueError, OSError) as err:
         print(f"fm-sample: error: {err}", file=sys.stderr)
         return 2
-    extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
-    np.savez(args.out, samples=samples.numpy(), nfe=nfe, **extra)
-    print(f"wrote {args.num_samples} samples (NFE {nfe}) to {args.out}")
-    if grid is not None:
-        from .callbacks import save_image_grid
-
-        nrow = model.num_classes if args.label == "all" else math.ceil(math.sqrt(min(len(samples), 256)))
-        save_image_grid(samples[:256], grid, nrow)
-        print(f"wrote an image grid to {grid}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ def earlier(tmp_path_factory):
     (root / "other.ckpt").write_bytes((root / "logs/train/runs/earlier/checkpoints/last.ckpt").read_bytes())
     torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, root / "foreign.ckpt")
     (root / "a_file").write_text("")
+    (root / "folder.npz").mkdir()
+    np.save(root / "two_d.npy", np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32))
+    _damaged_checkpoints(root, root / "logs/train/runs/earlier/checkpoints/last.ckpt")
 
     class Evil:
         def __reduce__(self):
@@ -52,6 +56,28 @@ def earlier(tmp_path_factory):
     with open(root / "evil.ckpt", "wb") as f:
         pickle.dump({"state_dict": {}, "hyper_parameters": Evil()}, f)
     return root
+
+
+def _damaged_checkpoints(root: Path, good: Path) -> None:
+    """Copies of ``good``: truncated, bit-flipped in a tensor record, with a NaN weight, with a
+    recorded points source that has moved, and with Lipman's path (which needs N(0, I) sources)."""
+    data = good.read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[:5000])
+    record = max(zipfile.ZipFile(good).infolist(), key=lambda info: info.file_size)
+    at = record.header_offset + 100 + record.file_size // 2  # inside its data, past the local header
+    (root / "bit_flipped.ckpt").write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at:at + 8]) + data[at + 8:])
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["state_dict"][next(iter(ckpt["state_dict"]))][0] = float("nan")
+    torch.save(ckpt, root / "nan_weights.ckpt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Points",
+                                          "init_args": {"file": str(root / "moved_since_training.npy")}}
+    torch.save(ckpt, root / "moved_source.ckpt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Gaussian", "init_args": {"dim": 2, "std": 1.0}}
+    ckpt["hyper_parameters"]["flow"]["init_args"]["path"] = {"class_path": "fm_lightning.flow.paths.LipmanOTPath",
+                                                             "init_args": {"sigma_min": 1e-4}}
+    torch.save(ckpt, root / "lipman.ckpt")
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -120,6 +146,7 @@ CASES = {
     "output below a file": (train(out="a_file/run"), "cannot create output directory"),
     "resume from a missing checkpoint": (train("ckpt_path={root}/missing.ckpt"), "does not exist"),
     "resume from a text file": (train("ckpt_path={root}/notes.txt"), "not a readable checkpoint"),
+    "resume from a bit-flipped checkpoint": (train("ckpt_path={root}/bit_flipped.ckpt"), "fails its checksum"),
     "resume from a malicious checkpoint": (train("ckpt_path={root}/evil.ckpt"), "refusing to load"),
     "resume another run's checkpoint into a finished run": (
         train("ckpt_path={root}/other.ckpt", out="logs/train/runs/earlier"), "already holds checkpoints"),
@@ -140,9 +167,31 @@ CASES = {
     "fm-sample zero steps": (fm_sample(EARLIER_CKPT, "--solver", "euler", "--steps", "0"), "needs steps >= 1"),
     "fm-sample output into a missing folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/no/such/dir/s.npz"),
                                                "does not exist"),
+    "fm-sample output onto a folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/evaluated"), "names a folder"),
+    "fm-sample output ending in a slash": (fm_sample(EARLIER_CKPT, "--out", "{root}/evaluated/"), "names a folder"),
+    "fm-sample overwriting a folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/folder.npz", "--overwrite"),
+                                       "names a folder"),
+    "fm-sample output into an unwritable folder": (fm_sample("{root}/missing.ckpt", "--out", "/proc/s.npz"),
+                                                   "cannot write into /proc"),
+    "fm-sample an unknown device": (fm_sample(EARLIER_CKPT, "--device", "gpu"), "is not a torch device"),
+    "fm-sample a moved source file": (fm_sample("{root}/moved_source.ckpt", "--out", "{root}/s.npz"),
+                                      "recorded in the checkpoint does not exist (moved since training?); pass "
+                                      "--source-file"),
+    "fm-sample a source file under Lipman's path": (
+        fm_sample("{root}/lipman.ckpt", "--source-file", "{root}/two_d.npy", "--out", "{root}/s.npz"),
+        "--source-file cannot be used with it"),
+    "fm-sample a truncated checkpoint": (fm_sample("{root}/truncated.ckpt"), "it is truncated"),
+    "fm-sample a device file": (fm_sample("/dev/null"), "is not a regular file"),
+    "fm-sample a bit-flipped checkpoint": (fm_sample("{root}/bit_flipped.ckpt", "--out", "{root}/s.npz"),
+                                           "fails its checksum"),
+    "fm-sample tolerances below float32 resolution": (
+        fm_sample(EARLIER_CKPT, "--atol", "1e-13", "--rtol", "1e-13", "--out", "{root}/s.npz"),
+        "below float32 resolution"),
     "fm-sample source file of another dimension": (
         fm_sample(EARLIER_CKPT, "--source-file", "{root}/three_d.npy", "--out", "{root}/s.npz"), "3-dimensional"),
     # fm-eval and reflow (the earlier run maps 8gaussians -> moons: 2-D, source density unknown)
+    "fm-eval a checkpoint with a NaN weight": (fm_eval("{root}/nan_weights.ckpt", "--out", "{root}/eval"),
+                                                "holds NaN or inf values; use an earlier checkpoint"),
     "fm-eval FID of a 2-D model": (fm_eval(EARLIER_CKPT, "--metrics", "fid", "--out", "{root}/eval"),
                                    "metric 'fid' does not fit this checkpoint"),
     "fm-eval likelihood without a source density": (fm_eval(EARLIER_CKPT, "--metrics", "nll", "--out", "{root}/eval"),
@@ -177,6 +226,15 @@ def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsy
     assert not (earlier / "pwned").exists()
     assert (earlier / "kept.npz").read_bytes() == b"earlier samples"
     assert (earlier / "evaluated/eval.json").read_text() == "{}"
+
+
+def test_fm_sample_on_cuda_without_cuda_blames_the_device_not_the_checkpoint(earlier, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = earlier / "cuda.npz"
+    assert sample.main([EARLIER_CKPT.format(root=earlier), "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available on this machine; use --device cpu" in err and "checkpoint" not in err
+    assert not out.exists()
 
 
 def test_the_table_is_large_enough():

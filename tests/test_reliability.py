@@ -1,15 +1,19 @@
-"""Non-finite guard, safe loading, and a last.ckpt that holds the final step."""
+"""Non-finite guard, safe and verified loading, and a last.ckpt that holds the final step."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
+import struct
+import zipfile
 
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from conftest import run_cli
+from conftest import compose_config, run_cli
 from fm_lightning.module import load_checkpoint
 from fm_lightning.reliability import ModelCheckpoint
 
@@ -58,6 +62,48 @@ def test_a_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode != 0 and "refusing to load" in proc.stderr
     assert not marker.exists()
+
+
+def _untrained_checkpoint(path) -> dict:
+    """Write an fm-lightning checkpoint of an untrained model to ``path``; returns its contents."""
+    model = instantiate(compose_config(["debug=fast"]).model)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_damaged_anywhere_is_refused_as_corrupt(tmp_path):
+    good = tmp_path / "good.ckpt"
+    _untrained_checkpoint(good)
+    load_checkpoint(good)
+    data = good.read_bytes()
+    records = zipfile.ZipFile(good).infolist()
+    assert sum("/data/" in r.filename for r in records) > 5
+    for record in records:  # the pickle and every tensor: a flipped byte loads silently without the checksums
+        name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+        at = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+        (tmp_path / "bad.ckpt").write_bytes(data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:])
+        named = re.escape(repr(record.filename))
+        with pytest.raises(ValueError, match=f"corrupt checkpoint .*{named} fails its checksum"):
+            load_checkpoint(tmp_path / "bad.ckpt")
+    for size in (0, 3, 5000, len(data) - 30):
+        (tmp_path / "cut.ckpt").write_bytes(data[:size])
+        with pytest.raises(ValueError, match="corrupt checkpoint .*truncated"):
+            load_checkpoint(tmp_path / "cut.ckpt")
+
+
+@pytest.mark.parametrize("part", ["state_dict", "current_model_state"])
+def test_non_finite_weights_are_refused_but_huge_finite_ones_load(tmp_path, part):
+    path = tmp_path / "w.ckpt"
+    ckpt = _untrained_checkpoint(path)
+    name = next(iter(ckpt["state_dict"]))
+    huge = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    huge[name].fill_(3e38)  # finite, though their float32 sum overflows
+    torch.save({**ckpt, part: huge}, path)
+    assert load_checkpoint(path, ema=part == "state_dict").state_dict()[name].eq(3e38).all()
+    huge[name].view(-1)[-1] = float("inf")
+    torch.save({**ckpt, part: huge}, path)
+    with pytest.raises(ValueError, match=f"corrupt checkpoint .*{name!r} holds NaN or inf values; use an earlier"):
+        load_checkpoint(path)
 
 
 class _RaiseAtStep(L.Callback):
