@@ -518,7 +518,7 @@ def evaluate_checkpoint(
     model = load_checkpoint(ckpt, map_location=device, ema=ema)
     kind = data_kind(model)
     _check_metrics(metrics, kind)  # a metric of the wrong kind fails before any work
-    report: dict[str, Any] = {"checkpoint": str(ckpt), "weights": "ema" if ema else "raw", "kind": kind,
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "weights": model.loaded_weights, "kind": kind,
                               "source": repr(model.source), "seed": kwargs.get("seed", 0)}
     hp = model.hparams
     report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .distributed import seed_rank, skip_nvml_check_without_nvml
 from .reliability import check_weights_fit, read_checkpoint
-from .flow.objective import CFMObjective
+from .flow.objective import CFMLoss, CFMObjective
 from .flow.paths import PathSample
 from .flow.solve import ODESolution, Solver, check_solver, odeint
 from .spec import from_spec, to_spec
@@ -121,7 +121,8 @@ class FlowMatchingModule(L.LightningModule):
                 "compile": compile,
                 "channels_last": channels_last,
                 "num_time_bins": num_time_bins,
-            }
+            },
+            logger=False,  # in the checkpoint only: fm-train and fm-cli hand the loggers the whole config
         )
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -189,13 +190,17 @@ class FlowMatchingModule(L.LightningModule):
             self.log("train/loss", out.loss, prog_bar=True, batch_size=x1.shape[0])
         return out.loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _fixed_loss(self, batch: dict[str, Tensor], batch_idx: int) -> CFMLoss:
+        """The CFM loss on ``batch`` with noise and times fixed by ``val_seed`` and ``batch_idx``."""
         x1 = batch["x1"]
         gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         x0 = batch["x0"] if "x0" in batch else self._source_like(x1, gen)
         self._check_labels(batch.get("cond"))
-        out = self.flow(self, x0, x1, batch.get("cond"), generator=gen)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=x1.shape[0], sync_dist=True)
+        return self.flow(self, x0, x1, batch.get("cond"), generator=gen)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self._fixed_loss(batch, batch_idx)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["x1"].shape[0], sync_dist=True)
         bins = self._time_bins.shape[1]
         idx = (out.sample.t.detach().float().cpu() * bins).long().clamp(0, bins - 1)
         self._time_bins[0].index_add_(0, idx, out.per_sample.detach().float().cpu())
@@ -216,7 +221,8 @@ class FlowMatchingModule(L.LightningModule):
                 self.log(f"val_loss_by_t/t{i / bins:.2f}-{(i + 1) / bins:.2f}", sums[i] / counts[i])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.validation_step(batch, batch_idx)
+        """The validation loss (same fixed noise and times) on the test data, logged as ``test/loss`` only."""
+        loss = self._fixed_loss(batch, batch_idx).loss
         self.log("test/loss", loss, batch_size=batch["x1"].shape[0], sync_dist=True)
         return loss
 
@@ -340,6 +346,7 @@ def load_checkpoint(
     Checkpoints written with an EMA callback (Lightning's weight averaging) hold the EMA weights
     in ``state_dict`` and the raw weights in ``current_model_state``. ``ema=True`` loads the EMA
     weights when there are any (else the only weights there are); ``ema=False`` the raw ones.
+    The module's ``loaded_weights`` says which were loaded: ``"ema"`` or ``"raw"``.
     ``source`` replaces the recorded source distribution (whose points file may be gone).
 
     Raises:
@@ -358,4 +365,5 @@ def load_checkpoint(
     weights = ckpt["state_dict"] if ema or raw is None else raw
     check_weights_fit(model, weights, path)
     model.load_state_dict(weights)
+    model.loaded_weights = "ema" if ema and raw is not None else "raw"
     return model.eval()

@@ -1,25 +1,44 @@
-"""fm-cli (Lightning CLI): fit from the example configs, print_config round trip, parity with fm-train."""
+"""fm-cli (Lightning CLI): fit from the example configs, print_config round trip, parity with fm-train,
+checkpoint checks, one folder per run, predict and test outputs."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 
 import hydra
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, compose_config, run_cli
 from fm_lightning.cli import FlowMatchingCLI
 from fm_lightning.module import FlowMatchingModule, load_checkpoint
+from fm_lightning.reliability import read_checkpoint
 
 TOY = str(REPO / "configs/cli/toy.yaml")
 DIGITS = str(REPO / "configs/cli/digits.yaml")
 TINY = ["--trainer.max_steps=20", "--trainer.val_check_interval=10", "--data.init_args.steps_per_epoch=10",
         "--data.init_args.val_size=64", "--model.lr_scheduler.init_args.total_steps=20",
         "--model.lr_scheduler.init_args.warmup_steps=2"]
+QUICK = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.steps_per_epoch=2",
+         "--data.init_args.val_size=64", "--model.lr_scheduler.init_args.total_steps=2",
+         "--model.lr_scheduler.init_args.warmup_steps=1"]
 
 
 def _cli(*args: str) -> FlowMatchingCLI:
     return FlowMatchingCLI(FlowMatchingModule, subclass_mode_data=True, run=False, args=list(args))
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory):
+    """The last.ckpt of a 20-step fm-cli toy run (MLP width 256, lr 3e-3)."""
+    root = tmp_path_factory.mktemp("toy_run")
+    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={root}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return next(root.rglob("last.ckpt"))
 
 
 @pytest.mark.parametrize(("cli_config", "hydra_overrides"), [(TOY, []), (DIGITS, ["experiment=digits"])],
@@ -57,12 +76,107 @@ def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--ckpt_path=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
     (["--model.flow.init_args.path.class_path=fm_lightning.flow.paths.NoSuchPath"], "flow must be a CFMObjective"),
+    (["--ckpt_path=last"], "no run under"),
+    ([f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),  # a file, not a folder
+    (["--trainer.logger=false", f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),
+    (["--trainer.enable_progress_bar=false"], "found `RichProgressBar` in callbacks"),
 ])
 def test_fm_cli_bad_input_gets_one_message(tmp_path, args, message):
     proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}", *args,
                    cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+class _Payload:
+    """Unpickling it runs code: it creates the folder ``marker``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "malicious pickle", "text"])
+def test_fm_cli_bad_checkpoint_gets_read_checkpoints_one_line(tmp_path, kind):
+    path = tmp_path / "bad.ckpt"
+    if kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(10_000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "malicious pickle":
+        path.write_bytes(pickle.dumps(_Payload(tmp_path / "payload_ran")))
+    else:
+        path.write_text("hello\n")
+    with pytest.raises(ValueError) as expected:  # what fm-train and fm-sample say
+        read_checkpoint(path)
+    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}",
+                   f"--ckpt_path={path}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == f"fm-cli: error: {expected.value}", proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert not (tmp_path / "payload_ran").exists()
+
+
+def test_fm_cli_ckpt_path_keeps_the_model_config_given(tmp_path, toy_ckpt):
+    """Lightning writes the checkpoint's hyperparameters over the parsed config; fm-cli keeps the
+    values given, so another net is refused by the weight check and other settings take effect."""
+    out = tmp_path / "out"
+    args = ["fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={out}", f"--ckpt_path={toy_ckpt}"]
+    proc = run_cli(*args, "--model.net.init_args.width=64", cwd=tmp_path)
+    assert proc.returncode == 2 and "holds a different model than this config" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr and not out.exists()
+    proc = run_cli(*args, "--trainer.max_steps=22", "--model.optimizer.init_args.lr=1e-5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(next(out.rglob("last.ckpt")), weights_only=True)
+    assert ckpt["global_step"] == 22 and ckpt["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 1e-5
+    config = yaml.safe_load(next(out.rglob("config.yaml")).read_text())
+    assert config["model"]["optimizer"]["init_args"]["lr"] == 1e-5 and config["ckpt_path"] == str(toy_ckpt)
+
+
+def test_fm_cli_ckpt_path_last_is_the_newest_runs_last_ckpt(tmp_path, toy_ckpt):
+    run = tmp_path / "out/lightning_logs/version_0"
+    shutil.copytree(toy_ckpt.parent, run / "checkpoints")
+    proc = run_cli("fm-cli", "test", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}",
+                   "--ckpt_path=last", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load((run.parent / "version_1/config.yaml").read_text())
+    assert config["ckpt_path"] == str(run / "checkpoints/last.ckpt")
+
+
+def test_every_fm_cli_run_gets_a_new_folder_whatever_the_logger(tmp_path):
+    out = tmp_path / "out"
+    fit = ["fm-cli", "fit", "--config", TOY, *QUICK, f"--trainer.default_root_dir={out}"]
+    no_logger = [*fit, "--trainer.logger=false"]
+    wandb = [*fit, "--trainer.logger=fm_lightning.loggers.WandbLogger", "--trainer.logger.init_args.offline=true"]
+    for args in (no_logger, no_logger, wandb):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((out / "lightning_logs").iterdir())
+    assert os.listdir(out) == ["lightning_logs"]
+    assert [run.name for run in runs] == ["version_0", "version_1", "version_2"]
+    for run in runs:
+        assert {"config.yaml", "samples.png", "trajectories.png"} <= set(os.listdir(run))
+        assert os.listdir(run / "checkpoints") == ["last.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "wandb"]  # W&B keeps its own store (offline-run-*) in save_dir
+
+
+def test_fm_cli_refuses_a_logger_version_folder_that_holds_a_run(tmp_path):
+    earlier = tmp_path / "out/csv/fixed/config.yaml"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("earlier run\n")
+    proc = run_cli("fm-cli", "validate", "--config", TOY, *TINY, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", "--trainer.logger.init_args.name=csv",
+                   "--trainer.logger.init_args.version=fixed", cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and os.listdir(earlier.parent) == ["config.yaml"]
+    assert earlier.read_text() == "earlier run\n"
+
+
+def test_fm_cli_predict_on_no_batches_is_an_error(tmp_path):
+    proc = run_cli("fm-cli", "predict", "--config", TOY, *TINY, "--trainer.limit_predict_batches=0",
+                   f"--trainer.default_root_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "predict ran on no batches" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_print_config_round_trips(tmp_path):
@@ -88,17 +202,32 @@ def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
                    "--model.lr_scheduler.init_args.warmup_steps=1", "--data.init_args.batch_size=16",
                    f"--trainer.default_root_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    model = load_checkpoint(next(out.rglob("last.ckpt")))
+    ckpt = next(out.rglob("last.ckpt"))
+    model = load_checkpoint(ckpt)
     assert model.net.num_classes == 10 and list(model.source.dim) == [1, 8, 8]
     assert model.sample(num_samples=3, cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)
-
-
-def test_fm_cli_validate_test_and_predict_run_from_a_checkpoint(tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={out}", cwd=tmp_path)
+    # predict samples the validation images' classes and saves their labels beside them
+    proc = run_cli("fm-cli", "predict", "--config", DIGITS, "--data.init_args.batch_size=16", f"--ckpt_path={ckpt}",
+                   "--model.solver=euler", "--model.steps=2", f"--trainer.default_root_dir={tmp_path / 'predict'}",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = str(next(out.rglob("last.ckpt")))
+    saved = np.load(next((tmp_path / "predict").rglob("samples.npz")))
+    assert saved["samples"].shape[1:] == (1, 8, 8) and saved["labels"].shape == saved["samples"].shape[:1]
+    assert set(saved["labels"].tolist()) <= set(range(10))
+
+
+def test_fm_cli_validate_test_and_predict_run_from_a_checkpoint(tmp_path, toy_ckpt):
     for sub in ["validate", "test", "predict"]:
-        proc = run_cli("fm-cli", sub, "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / sub}",
-                       f"--ckpt_path={ckpt}", "--model.solver=euler", "--model.steps=2", cwd=tmp_path)
+        args = [f"--trainer.default_root_dir={tmp_path / sub}", f"--ckpt_path={toy_ckpt}", "--model.solver=euler",
+                "--model.steps=2", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.init_args.save_dir={tmp_path / sub}"]
+        proc = run_cli("fm-cli", sub, "--config", TOY, *TINY, *args, cwd=tmp_path)
         assert proc.returncode == 0, (sub, proc.stderr[-3000:])
+    # test logs only test/* keys (not validation's val/loss)
+    header = next((tmp_path / "test").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert [key for key in header if "/" in key] == ["test/loss"]
+    # predict saves its samples in the run folder, as fm-sample does, and says where
+    path = tmp_path / "predict/lightning_logs/version_0/samples.npz"
+    assert f"wrote 64 samples to {path}" in proc.stdout
+    samples = np.load(path)["samples"]
+    assert samples.shape == (64, 2) and np.isfinite(samples).all()

@@ -49,9 +49,11 @@ def test_sampling_uses_the_ema_weights_whatever_the_callback_order(tmp_path, ema
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     ema_state, raw_state = ckpt["state_dict"], ckpt["current_model_state"]
     assert any(not torch.allclose(ema_state[k], raw_state[k]) for k in ema_state)  # EMA != raw after training
-    assert all(torch.equal(ema_state[k], v) for k, v in load_checkpoint(tmp_path / "ckpt" / "last.ckpt").state_dict().items())
+    averaged = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(ema_state[k], v) for k, v in averaged.state_dict().items())
     raw = load_checkpoint(tmp_path / "ckpt" / "last.ckpt", ema=False)
     assert all(torch.equal(raw_state[k], v) for k, v in raw.state_dict().items())
+    assert (averaged.loaded_weights, raw.loaded_weights) == ("ema", "raw")
 
     # The callback's last grid is what the EMA weights of the checkpoint give, not the raw ones.
     x0, cond = samples_cb._x0, samples_cb._cond
