@@ -33,16 +33,23 @@ __all__ = ["SampleCallback", "FIDCallback", "EMA", "model_weights", "save_image_
 log = logging.getLogger(__name__)
 
 
+def _log_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs the metrics of the last finished batch at (``global_step - 1``:
+    validation after step k logs at k - 1); plots and fit-end metrics go there too, so they sit
+    beside them, and before the step of a checkpoint written after them."""
+    return max(trainer.global_step - 1, 0)
+
+
 def log_image(trainer: L.Trainer, key: str, path: str) -> None:
     """Hand a saved PNG to every logger that displays images (W&B, TensorBoard)."""
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[path], step=trainer.global_step)
+            logger.log_image(key=key, images=[path], step=_log_step(trainer))
         elif isinstance(logger, TensorBoardLogger):
             import matplotlib.image
 
             img = matplotlib.image.imread(path)[..., :3]
-            logger.experiment.add_image(key, img, trainer.global_step, dataformats="HWC")
+            logger.experiment.add_image(key, img, _log_step(trainer), dataformats="HWC")
 
 
 def _scatter_figure(samples: Tensor, target: Tensor, source: Tensor) -> Figure:
@@ -300,7 +307,7 @@ class SampleCallback(L.Callback):
         if self._last_step != trainer.global_step:
             metrics = self.evaluate(trainer, pl_module)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=_log_step(trainer))
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.nfe_sweep:
             self._nfe_sweep(trainer, pl_module)
@@ -521,7 +528,7 @@ class FIDCallback(L.Callback):
         if self.at_train_end and self._last_step != trainer.global_step:
             metrics = self.evaluate(trainer, pl_module)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=_log_step(trainer))
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     @torch.no_grad()

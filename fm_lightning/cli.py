@@ -70,8 +70,8 @@ class _RunTrainer(Trainer):
 
 
 class _SampleWriter(BasePredictionWriter):
-    """Saves what ``predict`` samples to ``samples.npz`` in the run folder, as ``fm-sample`` does:
-    ``samples`` (N, *shape), and ``labels`` (N,) for labelled data (one file per rank under DDP)."""
+    """Saves what ``predict`` samples to ``samples.npz`` in the run folder: ``samples`` (N, *shape),
+    and ``labels`` (N,) for labelled data (one file per rank under DDP)."""
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")

@@ -167,9 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             nfe = max(nfe, sol.nfe)
         samples = torch.cat(chunks)
         extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
-        with open(args.out + ".part", "wb") as f:  # renamed into place: a failed write keeps an older --out
-            np.savez(f, samples=samples.numpy(), nfe=nfe, **extra)
-        os.replace(args.out + ".part", args.out)
+        part = args.out + ".part"  # renamed into place: a failed write keeps an older --out
+        try:
+            with open(part, "wb") as f:
+                np.savez(f, samples=samples.numpy(), nfe=nfe, **extra)
+            os.replace(part, args.out)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
         print(f"wrote {args.num_samples} samples (NFE {nfe}) to {args.out}")
         if grid is not None:
             from .callbacks import save_image_grid

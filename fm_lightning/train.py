@@ -19,7 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -40,9 +40,10 @@ class UserError(Exception):
     """An error in the user's configuration or input, reported without a traceback."""
 
 
-class JobFailed(Exception):
-    """A sweep job that stopped on a :class:`UserError` (already reported): Hydra marks the job
-    failed and the sweep goes on with the others."""
+class JobFailed(CompactHydraException):
+    """A sweep job stopped by bad input or a non-finite loss (already reported): Hydra marks the
+    job failed and goes on with the sweep's other jobs; at the end it names the first failed
+    job and prints this message, without a traceback."""
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -83,19 +84,28 @@ def _check_output_dir(output_dir: str, ckpt_path: str | None) -> None:
 class KeepFinishedRuns(Callback):
     """Hydra callback: refuses a run directory that holds an earlier run's checkpoints (unless
     resuming that run), or a sweep directory that holds any, *before* Hydra rewrites the
-    directory's ``.hydra/`` files and appends to its log. A resumed run is continued in its
-    own directory (``ckpt_path=last`` too), and the earlier sessions' ``.hydra/`` files are
-    kept: this session's go to ``.hydra/resume-N/``."""
+    directory's ``.hydra/`` files and appends to its log. ``ckpt_path=last`` resumes the newest
+    run in its own directory; a session that resumes in a run directory (that way, or with
+    ``hydra.run.dir``) keeps the earlier sessions' ``.hydra/`` files and writes its own to
+    ``.hydra/resume-N/``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._prepare_run_dir(config)
+        except (OSError, ValueError) as err:  # Hydra would only warn about a callback's error
+            exit_with_error(f"cannot prepare the run directory {config.hydra.run.dir}: {err}")
+
+    @staticmethod
+    def _prepare_run_dir(config: DictConfig) -> None:
         ckpt_path = config.get("ckpt_path")
         if str(ckpt_path) == "last":
             try:
                 ckpt_path = _last_checkpoint(config)
             except FileNotFoundError:
                 ckpt_path = None  # run() reports it
-            else:
-                with read_write(config.hydra):
+            else:  # resume that very file, in its run's directory
+                with read_write(config), read_write(config.hydra):
+                    config.ckpt_path = str(ckpt_path)
                     config.hydra.run.dir = str(ckpt_path.parents[1])
         exit_with_error(finished_run_error(config.hydra.run.dir, ckpt_path))
         earlier = Path(config.hydra.run.dir) / str(config.hydra.output_subdir)
@@ -175,7 +185,7 @@ def _read_metrics(output_dir: str) -> dict[str, Any]:
 def _continue_wandb(cfg: DictConfig, resuming: bool) -> None:
     """W&B conventions for the ``wandb`` logger, unless set: the jobs of one sweep share the
     group ``<task_name>_<sweep folder name>``, and a resumed run continues the W&B run its
-    directory already holds (same ``id``, ``resume="allow"``)."""
+    directory already holds (same ``id``; online only, W&B cannot resume an offline run)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg:
         return
@@ -183,10 +193,11 @@ def _continue_wandb(cfg: DictConfig, resuming: bool) -> None:
         if wandb_cfg.get("group") is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
         if resuming and wandb_cfg.get("id") is None:
-            earlier = sorted(Path(wandb_cfg.save_dir, "wandb").glob("*run-*-*"), key=os.path.getmtime)
+            # <save_dir>/wandb/[offline-]run-<date>_<time>-<id>[-N]/run-<id>.wandb
+            earlier = sorted(Path(wandb_cfg.get("save_dir") or ".", "wandb").glob("*run-*/run-*.wandb"),
+                             key=os.path.getmtime)
             if earlier:
-                wandb_cfg.id = earlier[-1].name.rsplit("-", 1)[1]
-                wandb_cfg.resume = "allow"
+                wandb_cfg.id = earlier[-1].stem[len("run-"):]  # Lightning's logger resumes it ("allow")
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path:
@@ -288,7 +299,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep
             _report_error(err)
-            raise JobFailed(str(err)) from None
+            raise JobFailed(f"fm-train: error: {err}") from None
         exit_with_error(err)
     value = metrics.get(cfg.get("optimized_metric") or "val/w2")
     return value if isinstance(value, float) else None

@@ -91,6 +91,18 @@ def test_a_checkpoint_damaged_anywhere_is_refused_as_corrupt(tmp_path):
             load_checkpoint(tmp_path / "cut.ckpt")
 
 
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path, monkeypatch):
+    path = tmp_path / "nocrc.ckpt"
+    ckpt = _untrained_checkpoint(path)
+    from torch.utils.serialization import config
+
+    monkeypatch.setattr(config.save, "compute_crc32", False)  # what torch.serialization.set_crc32_options(False) sets
+    torch.save(ckpt, path)
+    assert {r.CRC for r in zipfile.ZipFile(path).infolist()} == {0}
+    assert load_checkpoint(path).state_dict().keys() == ckpt["state_dict"].keys()
+
+
 @pytest.mark.parametrize("part", ["state_dict", "current_model_state"])
 def test_non_finite_weights_are_refused_but_huge_finite_ones_load(tmp_path, part):
     path = tmp_path / "w.ckpt"

@@ -170,11 +170,15 @@ def test_last_ckpt_holds_the_final_step_and_a_resume_from_it_trains_nothing(tmp_
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in weights.items())  # the EMA weights
     assert any(not torch.equal(ckpt["current_model_state"][k], v) for k, v in weights.items())  # the raw ones
 
-    before, metrics_before = last.read_bytes(), (run_dir / "metrics.json").read_text()
+    # The fit-end evaluation is logged at step 29, beside the last batch (Lightning's step for it).
+    with open(run_dir / "csv/metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val/w2")][-1] == 29
+    files = {name: (run_dir / name).read_text() for name in ("metrics.json", "csv/metrics.csv")}
+    before = last.read_bytes()
     metrics = run(compose_config([*overrides, "ckpt_path=last"]))
     assert metrics["global_step"] == 30 and last.read_bytes() == before
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
-    assert (run_dir / "metrics.json").read_text() == metrics_before and "val/w2" in metrics
+    assert {name: (run_dir / name).read_text() for name in files} == files and "val/w2" in metrics
 
 
 def test_resume_continues_in_the_run_directory_and_keeps_its_earlier_config(tmp_path):

@@ -31,6 +31,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     proc = run_cli("fm-train", "-m", "model.optimizer.lr=1e30,1e-3", "debug=fast", f"hydra.sweep.dir={sweep}",
                    cwd=tmp_path, timeout=600)
     assert proc.returncode != 0 and "fm-train: error: non-finite loss" in proc.stderr
+    assert "Traceback" not in proc.stderr and "model.optimizer.lr=1e+30" in proc.stderr  # the failed job, named
     assert not (sweep / "0/metrics.json").exists() and (sweep / "1/metrics.json").is_file()
 
 
