@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import REPO, compose_config, run_cli
-from fm_lightning.cli import FlowMatchingCLI
+from fm_lightning.cli import FlowMatchingCLI, main
 from fm_lightning.module import FlowMatchingModule, load_checkpoint
 from fm_lightning.reliability import read_checkpoint
 
@@ -30,6 +30,16 @@ QUICK = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init
 
 def _cli(*args: str) -> FlowMatchingCLI:
     return FlowMatchingCLI(FlowMatchingModule, subclass_mode_data=True, run=False, args=list(args))
+
+
+def _fit_error(capsys, *args: str) -> str:
+    """``fm-cli fit`` on the tiny toy config, in this process (a subprocess costs seconds of
+    imports); it must exit with status 2 and no traceback. Returns its last stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TOY, *TINY, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +91,10 @@ def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
     (["--trainer.logger=false", f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),
     (["--trainer.enable_progress_bar=false"], "found `RichProgressBar` in callbacks"),
 ])
-def test_fm_cli_bad_input_gets_one_message(tmp_path, args, message):
-    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}", *args,
-                   cwd=tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+def test_fm_cli_bad_input_gets_one_message(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in _fit_error(capsys, f"--trainer.default_root_dir={tmp_path / 'out'}", *args)
+    assert not (tmp_path / "out").exists()
 
 
 class _Payload:
@@ -99,7 +108,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("kind", ["truncated", "malicious pickle", "text"])
-def test_fm_cli_bad_checkpoint_gets_read_checkpoints_one_line(tmp_path, kind):
+def test_fm_cli_bad_checkpoint_gets_read_checkpoints_one_line(tmp_path, capsys, kind):
     path = tmp_path / "bad.ckpt"
     if kind == "truncated":
         torch.save({"state_dict": {"w": torch.zeros(10_000)}}, path)
@@ -110,11 +119,9 @@ def test_fm_cli_bad_checkpoint_gets_read_checkpoints_one_line(tmp_path, kind):
         path.write_text("hello\n")
     with pytest.raises(ValueError) as expected:  # what fm-train and fm-sample say
         read_checkpoint(path)
-    proc = run_cli("fm-cli", "fit", "--config", TOY, *TINY, f"--trainer.default_root_dir={tmp_path / 'out'}",
-                   f"--ckpt_path={path}", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == f"fm-cli: error: {expected.value}", proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
-    assert not (tmp_path / "payload_ran").exists()
+    line = _fit_error(capsys, f"--trainer.default_root_dir={tmp_path / 'out'}", f"--ckpt_path={path}")
+    assert line == f"fm-cli: error: {expected.value}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "payload_ran").exists()
 
 
 def test_fm_cli_ckpt_path_keeps_the_model_config_given(tmp_path, toy_ckpt):
