@@ -310,9 +310,9 @@ class ImageDataModule(L.LightningDataModule):
             if download:
                 raise
             raise FileNotFoundError(
-                f"{self.dataset} was not found (or is corrupted) under root={self.root!r}: expected "
-                f"{os.path.join(self.root, _TV_FILES[self.dataset])}. Set data.download=true to fetch it, "
-                f"or point data.root at the folder that holds it ({err})"
+                f"{self.dataset} was not found (or is corrupted) under root={os.path.abspath(self.root)!r}: expected "
+                f"{os.path.join(self.root, _TV_FILES[self.dataset])}. Fetch it with download=true (fm-train: "
+                f"data.download=true), or point root (fm-train: data.root) at the folder that holds it ({err})"
             ) from err
 
     def _base(self, train: bool) -> Dataset:

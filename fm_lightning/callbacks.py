@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .flow.solve import Solver, check_solver
 from .metrics import FID, wasserstein2
-from .progress import track
+from .progress import num_examples, track
 
 __all__ = ["SampleCallback", "FIDCallback", "EMA", "model_weights", "save_image_grid", "log_image"]
 
@@ -142,6 +142,14 @@ class EMA(EMAWeightAveraging):
         )
         self.decay, self.device = decay, device
         self.swapped = False  # the module holds the EMA weights (the average model the raw ones)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        start = self.update_starting_at_step
+        if start is not None and trainer.global_step - 1 < start and self._average_model is not None:
+            self._average_model.n_averaged.zero_()  # the next update copies the weights
+            self._average_model.update_parameters(pl_module)
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
         self._swapped_for_validation = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -208,6 +216,14 @@ def model_weights(trainer: L.Trainer, pl_module: L.LightningModule, ema: bool = 
         return
     with callback.weights(pl_module, ema):
         yield
+
+
+def _check_guidance(pl_module: Any, guidance: float | None, key: str) -> None:
+    """Refuse, before training, a guidance scale the module cannot sample with."""
+    try:
+        pl_module._sampling_labels(_fixed_labels(pl_module, 1), 1, guidance)
+    except ValueError as err:
+        raise ValueError(f"{key}.guidance: {err} (set {key}.guidance=null)") from None
 
 
 def _fixed_labels(pl_module: Any, n: int) -> Tensor | None:
@@ -292,6 +308,7 @@ class SampleCallback(L.Callback):
         check_solver(**{k: pl_module.hparams[k] if v is None else v for k, v in self.solver_kwargs.items()})
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         self._cond = _fixed_labels(pl_module, self.num_samples)
+        _check_guidance(pl_module, self.guidance, "callbacks.samples")
         # trainer.log_dir is collective (a broadcast): read it here, on every rank.
         self._dir = self.dirpath or trainer.log_dir or trainer.default_root_dir
 
@@ -483,6 +500,7 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         if self.fid is not None:
             return
+        _check_guidance(pl_module, self.guidance, "callbacks.fid")
         datamodule = trainer.datamodule
         # Rank zero decides, so that every rank takes the same (collective) path.
         cached = self.reference is not None and trainer.strategy.broadcast(os.path.isfile(self.reference))
@@ -492,12 +510,13 @@ class FIDCallback(L.Callback):
             raise ValueError(
                 f"FID needs reference statistics, but {where} and the datamodule ({type(datamodule).__name__}) "
                 "cannot provide real images to compute them; set the FID callback's reference to an .npz "
-                "with mu and sigma, or train with an image datamodule (data=images)"
+                "with mu and sigma, or train on image data (e.g. experiment=digits)"
             )
         fid = FID(self.feature, self.weights_path).to(pl_module.device)
         source = getattr(datamodule, "reference_name", None)
         if cached:
-            fid.load_reference(self.reference, source, rank=trainer.global_rank)
+            num_images = num_examples(datamodule.reference_dataloader(limit=self.num_reference)) if can_compute else None
+            fid.load_reference(self.reference, source, num_images, rank=trainer.global_rank)
             rank_zero_info(f"FID reference statistics: {self.reference}")
         else:
             self._compute_reference(fid, trainer, datamodule)

@@ -53,7 +53,8 @@ def check_devices(accelerator: str | None, devices: int | str | list | None, pre
 
     * a GPU preset (``accelerator`` gpu/cuda) without visible CUDA GPUs, or asking for more GPUs
       than are visible;
-    * ``16-mixed`` / ``16-true`` precision on the CPU (Lightning would silently switch to bf16).
+    * ``16-mixed`` / ``16-true`` precision on the CPU (Lightning would silently switch to bf16);
+    * ``*-true`` precisions other than 32 (the sampler integrates in fp32 with the net's weights).
     """
     accelerator = str(accelerator or "auto").lower()
     wants_gpu = accelerator in ("gpu", "cuda")
@@ -71,6 +72,11 @@ def check_devices(accelerator: str | None, devices: int | str | list | None, pre
     if uses_cpu and str(precision) in ("16-mixed", "16", "16-true"):
         raise ValueError(
             f"precision={precision} (fp16) is not supported on the CPU; use trainer.precision=bf16-mixed or 32"
+        )
+    if str(precision) in ("bf16-true", "16-true", "64-true", "64"):
+        raise ValueError(
+            f"precision={precision} stores the weights in that type, but sampling and its metrics run in fp32; "
+            "use trainer.precision=bf16-mixed (or 16-mixed on GPUs) for reduced-precision training"
         )
 
 

@@ -9,13 +9,16 @@ Metrics (keys in the JSON):
   source, whose ``log_prob`` must be known) with ``eval/nll_nfe``; and the straightness of the
   flow, ``eval/path_energy`` and ``eval/npe`` (``|PE - W2^2| / W2^2``, Tong et al.).
 - images: ``eval/fid`` (Inception-v3 features, or an injected extractor, see
-  :class:`~fm_lightning.metrics.FID`) with ``eval/nfe``, and ``eval/bpd`` (bits/dim of uniformly
-  dequantised real images, Hutchinson trace estimator) with ``eval/bpd_nfe``.
+  :class:`~fm_lightning.metrics.FID`; reference: the train split) with ``eval/nfe``, and
+  ``eval/bpd`` (bits/dim of uniformly dequantised held-out images, the validation or test split,
+  Hutchinson trace estimator; ``log p(x|y)`` given their labels for class-conditional models)
+  with ``eval/bpd_nfe``.
 
 The target of a 2-D checkpoint is ``--target`` (a distribution name or a points file, as
 ``data.target``), else the one recorded in the checkpoint (``datamodule_hyper_parameters``),
 else ``data.target`` of the run directory's ``.hydra/config.yaml``. Image checkpoints read
-their data from that config (or ``--data-config``).
+their data from that config (or ``--data-config``); its relative paths are taken from the
+directory ``fm-train`` was launched from (``hydra.runtime.cwd`` in ``.hydra/hydra.yaml``).
 
 The NFE sweep (:func:`sweep_grid`): euler with 1, 2, 4, 8, 16, 32, 64 and 100 steps; midpoint
 and rk4 at the same NFE (2 and 4 evaluations per step); dopri5 at atol=rtol in {1e-3, 1e-4, 1e-5}.
@@ -294,6 +297,45 @@ def _fixed_labels(model: Any, n: int) -> Tensor | None:
     return torch.arange(n) % model.num_classes if model.num_classes else None
 
 
+def _check_data_fits(model: Any, datamodule: Any) -> None:
+    """Refuse image data whose shape (C, H, W) is not the model's, or whose labels do not fit a
+    class-conditional model."""
+    shape = tuple(datamodule.shape)
+    drawn = tuple(model.source.sample(1, torch.Generator()).shape[1:])
+    if shape != drawn:
+        raise ValueError(f"the data are images of shape {shape} but the model's are {drawn}; evaluate it on "
+                         "the data it was trained on (--data-config <its run>/.hydra/config.yaml)")
+    if model.num_classes and datamodule.num_classes != model.num_classes:
+        raise ValueError(f"the model is class-conditional ({model.num_classes} classes) but the data have "
+                         f"num_classes={datamodule.num_classes}; evaluate it on data labelled with its "
+                         f"{model.num_classes} classes")
+
+
+def _check_guidance(model: Any, guidance: float | None, samples: bool) -> None:
+    """Refuse a guidance scale that would be ignored: on an unconditional model, or when no
+    images are generated (``samples`` false: bits/dim only)."""
+    if guidance is None:
+        return
+    if not model.num_classes:
+        raise ValueError(f"guidance={guidance:g} needs a class-conditional model, but this one is unconditional; "
+                         "drop --guidance")
+    if not samples:
+        raise ValueError(f"guidance={guidance:g} applies to generated images (fid, --sweep); bits/dim is "
+                         "log p(x|y) of the unguided model; drop --guidance")
+
+
+def _heldout_split(datamodule: Any) -> str | None:
+    """The name of the datamodule's held-out split (``data_val``: validation or test), or ``None``
+    when it holds none out."""
+    datamodule.setup("fit")
+    if datamodule.data_val is None:
+        return None
+    if datamodule.val_split == "test":
+        return "test split"
+    return (f"validation split (val_fraction={datamodule.val_fraction:g} of the train split held out, "
+            f"seed {datamodule.seed})")
+
+
 def evaluate_images(
     model: Any,
     datamodule: Any,
@@ -315,18 +357,22 @@ def evaluate_images(
     sweep: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate an image model: FID of generated images, bits/dim of real ones.
+    """Evaluate an image model: FID of generated images against the train split, bits/dim of
+    held-out real ones.
 
     Args:
         model: a :class:`~fm_lightning.module.FlowMatchingModule` on images (eval mode).
-        datamodule: an image datamodule with ``reference_dataloader`` (real images in [-1, 1]).
+        datamodule: an :class:`~datamodules.images.ImageDataModule` (real images in [-1, 1]) of
+            the model's image shape (and classes, for a class-conditional model).
         metrics: subset of :data:`IMAGE_METRICS` (``None``: all that apply).
         num_samples: generated images for FID.
-        num_likelihood: real images whose bits/dim are averaged.
+        num_likelihood: held-out images (validation or test split) whose bits/dim are averaged;
+            for class-conditional models ``-log p(x|y)`` given their labels.
         batch_size: images integrated at once.
         seed: seed of the noise, the dequantisation and the Hutchinson probes.
         solver, steps, atol, rtol: sampling solver (default: the checkpoint's).
-        guidance: classifier-free guidance scale (conditional models, balanced labels).
+        guidance: classifier-free guidance scale of the FID samples (conditional models,
+            balanced labels; default 1).
         fid_feature: 2048 for Inception-v3, or an injected ``nn.Module`` extractor.
         fid_weights: local Inception weights file.
         fid_reference: ``.npz`` of reference statistics (``mu``, ``sigma``); computed from the
@@ -335,20 +381,29 @@ def evaluate_images(
         likelihood_tol: atol = rtol of the dopri5 likelihood integration.
         sweep: also run the NFE sweep (FID at every setting; costly).
         progress: show progress bars (reference statistics, samples, bits/dim, sweep).
+
+    Returns:
+        ``{"metrics": {...}, "skipped": {name: reason}, "sweep": [rows]}``, with ``bpd_data``
+        (split, images, likelihood) when bits/dim were measured.
     """
+    from torch.utils.data import DataLoader, Subset
+
     from .metrics import FID
 
     names, explicit = _check_metrics(metrics, "images")
+    _check_guidance(model, guidance, "fid" in names or sweep)
+    _check_data_fits(model, datamodule)
     out: dict[str, float] = {}
     skipped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     kw = {"solver": solver, "steps": steps, "atol": atol, "rtol": rtol}
     fid = None
     if "fid" in names or sweep:
         fid = FID(fid_feature, fid_weights).to(model.device)
         source = getattr(datamodule, "reference_name", None)
         if fid_reference and os.path.isfile(fid_reference):
-            fid.load_reference(fid_reference, source)
+            fid.load_reference(fid_reference, source, num_examples(datamodule.reference_dataloader(limit=num_reference)))
         else:
             fid.update_reference(datamodule.reference_dataloader(batch_size=batch_size, limit=num_reference), progress)
             if fid_reference:
@@ -362,7 +417,7 @@ def evaluate_images(
         for chunk in track(chunks, "FID samples", num_samples, advance=len, unit="img", enabled=progress):
             x0 = model.source.sample(len(chunk), gen)
             cond = None if labels is None else labels[chunk]
-            sol = model.sample(x0=x0, cond=cond, guidance=guidance if cond is not None else None, **setting_kw)
+            sol = model.sample(x0=x0, cond=cond, guidance=guidance, **setting_kw)
             fid.update(sol.x, real=False)
             nfes.append(sol.nfe)
         return fid.compute(), sum(nfes) / len(nfes)
@@ -371,14 +426,19 @@ def evaluate_images(
         out["eval/fid"], out["eval/nfe"] = generate(kw)
     if "bpd" in names:
         problem = _density_problem(model) if not model.num_classes else None
+        split = _heldout_split(datamodule)
+        if split is None and problem is None:
+            problem = ("bits/dim needs held-out images, but the data hold none out (val_fraction=0); pass a "
+                       "--data-config with val_fraction > 0 or val_split: test")
         if problem and explicit:
             raise ValueError(problem)
         if problem:
             skipped["bpd"] = problem
         else:
+            heldout = Subset(datamodule.data_val, range(min(num_likelihood, len(datamodule.data_val))))
+            loader = DataLoader(heldout, batch_size=batch_size, shuffle=False, num_workers=datamodule.num_workers)
             gen = torch.Generator().manual_seed(seed + 1)
             bpds, nfes = [], []
-            loader = datamodule.reference_dataloader(batch_size=batch_size, limit=num_likelihood)
             for batch in track(loader, "bits/dim", num_examples(loader), advance=lambda b: len(b["x1"]), unit="img",
                                enabled=progress):
                 x, cond = batch["x1"], batch.get("cond")
@@ -390,20 +450,39 @@ def evaluate_images(
                 nfes.append(res.nfe)
             out["eval/bpd"] = float(torch.cat(bpds).mean())
             out["eval/bpd_nfe"] = float(sum(nfes) / len(nfes))
+            result["bpd_data"] = {"split": split, "images": len(heldout),
+                                  "likelihood": "log p(x|y)" if model.num_classes else "log p(x)"}
     if sweep:
         def sample(setting: SweepSetting) -> tuple[Tensor, float]:
             value, nfe = generate(setting.kwargs())
             return torch.tensor(value), nfe
 
         rows = nfe_sweep(sample, lambda value: {"fid": float(value)}, progress=progress)
-    return {"metrics": out, "skipped": skipped, "sweep": rows}
+    return {"metrics": out, "skipped": skipped, "sweep": rows, **result}
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+def _from_launch_dir(data: dict, hydra_yaml: Path) -> dict:
+    """``data`` with its relative paths (``root``, a points-file ``target``) taken from the
+    directory fm-train was launched from, ``hydra.runtime.cwd`` of the run's ``hydra.yaml``
+    (unchanged without that file)."""
+    from omegaconf import OmegaConf
+
+    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    if not cwd:
+        return data
+
+    def is_relative_path(key: str, value: Any) -> bool:
+        path_like = key == "root" or (key == "target" and str(value).lower().endswith((".npy", ".npz", ".csv")))
+        return path_like and isinstance(value, str) and not os.path.isabs(value)
+
+    return {k: os.path.join(cwd, v) if is_relative_path(k, v) else v for k, v in data.items()}
+
+
 def _run_config(ckpt: Path, data_config: str | None) -> Any:
     """The ``data`` node of ``--data-config``, else of the run's config beside the checkpoint
     (``fm-train``: ``.hydra/config.yaml``; ``fm-cli``: the version folder's ``config.yaml``), in
-    Hydra's ``_target_`` form."""
+    Hydra's ``_target_`` form, relative paths taken from fm-train's launch directory."""
     from omegaconf import OmegaConf
 
     run_dir = ckpt.resolve().parents[1]
@@ -422,7 +501,7 @@ def _run_config(ckpt: Path, data_config: str | None) -> Any:
         raise ValueError(f"cannot resolve the data config of {str(path)!r}: {err}") from err
     if "class_path" in data:  # the Lightning CLI's form
         data = {"_target_": data["class_path"], **(data.get("init_args") or {})}
-    return OmegaConf.create(data)
+    return OmegaConf.create(_from_launch_dir(data, path.parent / "hydra.yaml"))
 
 
 def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
@@ -448,7 +527,9 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
     )
 
 
-def _datamodule_of(ckpt: Path, data_config: str | None) -> Any:
+def _datamodule_of(ckpt: Path, data_config: str | None, model: Any) -> Any:
+    """The image datamodule of the run's config (or ``data_config``), checked against ``model``
+    before it loads any data."""
     import hydra
 
     data = _run_config(ckpt, data_config)
@@ -458,8 +539,15 @@ def _datamodule_of(ckpt: Path, data_config: str | None) -> Any:
             "(with .hydra/config.yaml) or pass --data-config <run>/.hydra/config.yaml"
         )
     datamodule = hydra.utils.instantiate(data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    _check_data_fits(model, datamodule)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. fm-eval: pass --data-config with a config whose data.root holds the data (or whose "
+            "data.download is true), or set FM_ROOT to the folder that holds data/"
+        ) from err
     return datamodule
 
 
@@ -523,6 +611,9 @@ def evaluate_checkpoint(
     hp = model.hparams
     report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k]
                           for k in ("solver", "steps", "atol", "rtol")}
+    guidance = image_only.get("guidance")
+    if kind == "images" and model.num_classes:
+        report["sampling"]["guidance"] = 1.0 if guidance is None else float(guidance)
     if kind == "points":
         given = [k for k, v in image_only.items() if v is not None and k != "batch_size"]
         if given:
@@ -531,7 +622,10 @@ def evaluate_checkpoint(
         report["target"] = repr(dist)
         result = evaluate_points(model, dist, metrics, **kwargs)
     else:
-        datamodule = _datamodule_of(ckpt, data_config)
+        if target is not None:
+            raise ValueError(f"--target {target} applies to 2-D checkpoints only; this one is on images (their data "
+                             "come from the run's config, or --data-config)")
+        datamodule = _datamodule_of(ckpt, data_config, model)
         report["data"] = getattr(datamodule, "reference_name", type(datamodule).__name__)
         result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs)
     report.update(result)
@@ -580,11 +674,16 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["sampling"]
     fixed = s["solver"] in ("euler", "midpoint", "rk4")
     tol = f"steps={s['steps']}" if fixed else f"atol={s['atol']:g}, rtol={s['rtol']:g}"
+    guidance = f"; guidance {s['guidance']:g}" if "guidance" in s else ""
     lines = [f"# fm-eval: `{report['checkpoint']}`", "",
              f"- data: {report['kind']}; source {report['source']}; "
              + (f"target {report['target']}" if "target" in report else f"images {report.get('data')}"),
-             f"- weights: {report['weights']}; sampling: {s['solver']} ({tol}); seed {report['seed']}", "",
-             "| metric | value | NFE |", "| --- | --- | --- |"]
+             f"- weights: {report['weights']}; sampling: {s['solver']} ({tol}){guidance}; seed {report['seed']}"]
+    if "bpd_data" in report:
+        b = report["bpd_data"]
+        lines.append(f"- bits/dim: from {b['likelihood']} on {b['images']} images of the {b['split']}"
+                     + (", given their labels y, without guidance" if b["likelihood"] == "log p(x|y)" else ""))
+    lines += ["", "| metric | value | NFE |", "| --- | --- | --- |"]
     nfe_of = {"eval/nll": "eval/nll_nfe", "eval/bpd": "eval/bpd_nfe"}
     for key in ("eval/w2", "eval/mmd2", "eval/fid", "eval/nll", "eval/bpd", "eval/path_energy", "eval/npe",
                 "eval/w2_source_target"):

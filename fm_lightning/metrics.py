@@ -103,7 +103,7 @@ class FID:
                     "or inject a feature extractor (feature=<nn.Module>)"
                 ) from err
             except (OSError, RuntimeError, ValueError) as err:
-                raise RuntimeError(
+                raise ValueError(
                     f"cannot load the Inception-v3 weights ({type(err).__name__}: {err}). Without network access, "
                     "give weights_path=<local pt_inception-2015-12-05-6726825d.pth>, or inject a feature extractor"
                 ) from err
@@ -189,10 +189,21 @@ class FID:
         np.savez(tmp, **stats, extractor=np.array(self.name), source=np.array(source))
         os.replace(tmp, path)
 
-    def load_reference(self, path: str, source: str | None = None, rank: int = 0) -> None:
+    def load_reference(self, path: str, source: str | None = None, num_images: int | None = None,
+                       rank: int = 0) -> None:
         """Read statistics written by :meth:`save_reference` (or any ``.npz`` with ``mu`` and
-        ``sigma``, such as pytorch-fid's); refuse ones made with another extractor or data."""
-        with np.load(path, allow_pickle=False) as z:
+        ``sigma``, such as pytorch-fid's); refuse ones made with another extractor, other data or
+        (``num_images``) another number of images."""
+        import zipfile
+
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"FID reference file {path!r} is not a readable .npz ({type(err).__name__}: {err}); "
+                             "delete it to recompute, or point reference at another file") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"FID reference file {path!r} holds one array, not an .npz with 'mu' and 'sigma'")
+        with z:
             if "mu" not in z.files or "sigma" not in z.files:
                 raise ValueError(f"FID reference file {path!r} must hold arrays 'mu' and 'sigma', has {z.files}")
             for key, expected in (("extractor", self.name), ("source", source)):
@@ -201,4 +212,9 @@ class FID:
                         f"FID reference file {path!r} was made for {key} {str(z[key])!r}, not {expected!r}; "
                         "delete it to recompute, or point reference at another file"
                     )
+            if num_images is not None and "n" in z.files and int(z["n"]) != num_images:
+                raise ValueError(
+                    f"FID reference file {path!r} holds the statistics of {int(z['n'])} images, not of the "
+                    f"{num_images} asked for (num_reference); delete it to recompute, or point reference at another file"
+                )
             self.set_reference(z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else 50_000, rank)

@@ -236,6 +236,11 @@ class FlowMatchingModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # the schedule spans the trainer's max_steps
+            if self.trainer.max_steps < 1:
+                raise ValueError("model.lr_scheduler.total_steps=null follows trainer.max_steps, which is not set; "
+                                 "set trainer.max_steps (or total_steps)")
+            scheduler.set_total_steps(self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()

@@ -70,7 +70,10 @@ def _target(path: str, ext: str, flag: str, overwrite: bool) -> str:
     if not os.path.basename(path) or os.path.isdir(path):
         example = os.path.join(path, "samples" + ext)
         raise ValueError(f"{flag} {path!r} names a folder; give a file name, such as {example}")
-    path = path if path.endswith(ext) else path + ext
+    suffix = os.path.splitext(path)[1]
+    if suffix and suffix != ext:
+        raise ValueError(f"{flag} {path!r}: fm-sample writes a {ext} file here; give a name ending in {ext}")
+    path = path + ext if not suffix else path
     if os.path.isdir(path):
         raise ValueError(f"{flag}: {path!r} names a folder; give another file name")
     folder = os.path.dirname(os.path.abspath(path))
@@ -142,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = _load(args, source)
         if args.label is not None and not model.num_classes:
             raise ValueError("--class needs a class-conditional checkpoint; this one is unconditional")
+        if args.label is None and model.num_classes:
+            raise ValueError(f"this checkpoint is class-conditional ({model.num_classes} classes): pass --class K "
+                             f"(0..{model.num_classes - 1}), --class all or --class null")
         dim = getattr(model.net, "dim", None)
         if source is not None and source.dim != dim:
             raise ValueError(

@@ -14,8 +14,20 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = ["WarmupConstant", "WarmupCosine"]
 
 
-class WarmupConstant(LambdaLR):
+class _Schedule(LambdaLR):
+    """A ``LambdaLR`` whose settings (:attr:`settings`) come from the config, not the checkpoint:
+    a run resumed with a longer ``trainer.max_steps`` follows the longer schedule."""
+
+    settings: tuple[str, ...] = ()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.settings})
+
+
+class WarmupConstant(_Schedule):
     """Linear warmup from ``base_lr/warmup_steps`` to the base LR over ``warmup_steps``, then constant."""
+
+    settings = ("warmup_steps",)
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int = 0) -> None:
         if warmup_steps < 0:
@@ -27,22 +39,37 @@ class WarmupConstant(LambdaLR):
         return min(1.0, (step + 1) / max(1, self.warmup_steps))
 
 
-class WarmupCosine(LambdaLR):
-    """Linear warmup, then cosine decay to ``final_lr_ratio * base_lr`` at ``total_steps``."""
+class WarmupCosine(_Schedule):
+    """Linear warmup, then cosine decay to ``final_lr_ratio * base_lr`` at ``total_steps``
+    (``None``: the trainer's ``max_steps``, set by the module when it builds the schedule)."""
+
+    settings = ("warmup_steps", "total_steps", "final_lr_ratio")
 
     def __init__(
-        self, optimizer: Optimizer, warmup_steps: int = 0, total_steps: int = 10_000, final_lr_ratio: float = 0.0
+        self, optimizer: Optimizer, warmup_steps: int = 0, total_steps: int | None = 10_000, final_lr_ratio: float = 0.0
     ) -> None:
-        if not 0 <= warmup_steps < total_steps:
+        if not (math.isfinite(final_lr_ratio) and 0 <= final_lr_ratio <= 1):
+            raise ValueError(f"WarmupCosine needs 0 <= final_lr_ratio <= 1, got {final_lr_ratio}; "
+                             "set model.lr_scheduler.final_lr_ratio (0.01: decay to 1% of the learning rate)")
+        self.warmup_steps, self.final_lr_ratio = warmup_steps, final_lr_ratio
+        self.total_steps: int | None = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        super().__init__(optimizer, self.factor)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the schedule's length (checked against ``warmup_steps``)."""
+        if not 0 <= self.warmup_steps < total_steps:
             raise ValueError(
-                f"WarmupCosine needs 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}; "
+                f"WarmupCosine needs 0 <= warmup_steps < total_steps, got {self.warmup_steps} and {total_steps}; "
                 "lower model.lr_scheduler.warmup_steps or raise trainer.max_steps"
             )
-        self.warmup_steps, self.total_steps, self.final_lr_ratio = warmup_steps, total_steps, final_lr_ratio
-        super().__init__(optimizer, self.factor)
+        self.total_steps = total_steps
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        if self.total_steps is None:  # not set yet: the start of the decay
+            return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

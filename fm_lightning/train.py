@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import InterpolationKeyError
 
 from .distributed import check_devices
 from .loggers import CSVLogger
@@ -152,8 +153,20 @@ def _instantiation_error(err: InstantiationException) -> str:
     return f"{key[1]}: {cause}"
 
 
+def _fill_native_shape(cfg: DictConfig, datamodule: Any) -> None:
+    """``data.channels`` / ``data.image_size: null`` mean the dataset's own; the net and the source
+    read them from ``data``, so they get the numbers."""
+    shape = getattr(datamodule, "shape", None)
+    if shape is None or len(shape) != 3:
+        return
+    for key, value in (("channels", shape[0]), ("image_size", shape[-1])):
+        if key in cfg.data and cfg.data[key] is None:
+            cfg.data[key] = value
+
+
 def _check_shapes(datamodule: Any, model: Any) -> None:
-    """The model's source and net take samples of the data's shape: (d,) points or (C, H, W) images."""
+    """The model's source and net take samples of the data's shape: (d,) points or (C, H, W)
+    images, and a conditional net has the data's number of classes."""
     shape = tuple(datamodule.shape) if hasattr(datamodule, "shape") else (datamodule.dim,)
     drawn = tuple(model.source.sample(1, torch.Generator().manual_seed(0)).shape[1:])
     if drawn != shape:
@@ -165,6 +178,12 @@ def _check_shapes(datamodule: Any, model: Any) -> None:
         if getattr(net, attr, value) != value:
             raise UserError(f"model.net.{attr}={getattr(net, attr)} does not fit data of shape {shape}; "
                             f"set model.net.{attr}={value}")
+    classes, net_classes = getattr(datamodule, "num_classes", 0) or 0, getattr(net, "num_classes", 0) or 0
+    if net_classes != classes:
+        raise UserError(f"model.net.num_classes={net_classes} does not fit data with "
+                        f"{f'{classes} classes' if classes else 'no labels (data.num_classes=0)'}; set "
+                        f"model.net.num_classes={classes}" + (" (or data.num_classes=0 for an unconditional model)"
+                                                              if classes else ""))
 
 
 def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -251,6 +270,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     _continue_wandb(cfg, resuming=ckpt_path is not None)
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
+        _fill_native_shape(cfg, datamodule)
         model = hydra.utils.instantiate(cfg.model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
@@ -259,6 +279,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as err:
         raise UserError(_instantiation_error(err)) from err
+    except InterpolationKeyError as err:
+        if "'data." not in str(err):
+            raise
+        raise UserError(f"{err}: the data config does not define it. Image data need an image model and "
+                        "source: start from an image preset (experiment=digits, mnist, mnist_cond or cifar10_otcfm) "
+                        "and override from there") from None
     _check_shapes(datamodule, model)
     start_step = None
     if ckpt is not None:

@@ -202,6 +202,14 @@ def test_unknown_class_path_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "NoSuchData" in proc.stderr
 
 
+def test_fm_cli_schedule_spans_the_trainers_max_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = [a for a in QUICK if "total_steps" not in a and "max_steps" not in a]
+    main(["fit", "--config", TOY, *quick, "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}"])
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert ckpt["lr_schedulers"][0]["total_steps"] == 3
+
+
 def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
     out = tmp_path / "out"
     proc = run_cli("fm-cli", "fit", "--config", DIGITS, "--trainer.max_steps=4", "--trainer.val_check_interval=2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,23 @@ def test_target_comes_from_the_run_config_when_the_checkpoint_lacks_it(ckpt, tmp
     assert report["target"].startswith("SCurve(")
 
 
+def test_a_relative_points_file_target_is_read_from_the_directory_fm_train_was_launched_from(ckpt, tmp_path,
+                                                                                           monkeypatch):
+    raw = torch.load(ckpt, weights_only=True)
+    del raw["datamodule_hyper_parameters"]
+    run_dir, launch = tmp_path / "run", tmp_path / "launch"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / ".hydra").mkdir()
+    launch.mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("data:\n  target: pts.npy\n")
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {launch}\n")
+    np.save(launch / "pts.npy", Moons().sample(100).numpy())
+    torch.save(raw, run_dir / "checkpoints" / "last.ckpt")
+    monkeypatch.chdir(tmp_path)  # holds no pts.npy
+    report = evaluate.evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", metrics=["w2"], num_samples=50)
+    assert report["target"].startswith("Points(") and str(launch / "pts.npy") in report["target"]
+
+
 def test_nll_is_skipped_with_the_reason_when_the_source_density_is_unknown(ckpt):
     model = load_checkpoint(ckpt)
     model.source = EightGaussians()
@@ -96,8 +114,8 @@ def test_fm_eval_sweep_flag_writes_the_sweep(ckpt, tmp_path):
 
 def test_image_metrics_fid_and_bits_per_dim_of_an_analytic_model():
     """Per-pixel affine flow N(0, 1) -> N(0.2, 0.5^2) on 8x8 digits: FID (injected extractor) and
-    bits/dim, which must equal the closed form on the same dequantised images (Hutchinson is exact
-    for this diagonal Jacobian)."""
+    bits/dim of held-out images, which must equal the closed form on the same dequantised
+    validation images (Hutchinson is exact for this diagonal Jacobian)."""
     from datamodules.images import ImageDataModule
 
     dm = ImageDataModule("digits", batch_size=16, val_fraction=0.1)
@@ -108,12 +126,26 @@ def test_image_metrics_fid_and_bits_per_dim_of_an_analytic_model():
                                    fid_feature=TinyExtractor(), num_reference=64, seed=0)
     m = out["metrics"]
     assert m["eval/nfe"] == 2 and m["eval/fid"] >= 0 and m["eval/bpd_nfe"] > 0
-    # Replay the first (only) batch's dequantisation and take the analytic density.
-    x = next(iter(dm.reference_dataloader(batch_size=16)))["x1"]
+    assert out["bpd_data"] == {"split": "validation split (val_fraction=0.1 of the train split held out, seed 0)",
+                               "images": 16, "likelihood": "log p(x)"}
+    # Replay the first (only) batch's dequantisation on the validation images, not the training ones.
+    x = next(iter(torch.utils.data.DataLoader(dm.data_val, batch_size=16)))["x1"]
     y = dequantize(x, torch.Generator().manual_seed(1))
     logp = AffineGaussian([0.2] * 64, [0.5] * 64).log_prob(y.flatten(1))
     expected = float(((-logp / 64 + math.log(128)) / math.log(2)).mean())
     assert abs(m["eval/bpd"] - expected) < 1e-3, (m["eval/bpd"], expected)
+
+
+def test_a_cached_fid_reference_of_another_size_is_refused(tmp_path):
+    from datamodules.images import ImageDataModule
+
+    dm = ImageDataModule("digits", batch_size=16, val_fraction=0.1)
+    model = affine_model([0.2], [0.5], shape=[1, 8, 8], solver="euler", steps=1)
+    kw = dict(metrics=["fid"], num_samples=8, batch_size=8, fid_feature=TinyExtractor(),
+              fid_reference=str(tmp_path / "ref.npz"), progress=False)
+    evaluate.evaluate_images(model, dm, num_reference=10, **kw)
+    with pytest.raises(ValueError, match="statistics of 10 images, not of the 1797 asked for"):
+        evaluate.evaluate_images(model, dm, **kw)
 
 
 def test_point_metrics_on_images_and_image_metrics_on_points_are_refused(ckpt, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.progress import Progress
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 from eval_helpers import AffineGaussian, TinyExtractor, affine_model
 from fm_lightning import evaluate, sample
@@ -113,7 +113,7 @@ def test_fm_eval_image_bars_count_reference_images_samples_and_bits_per_dim(term
 
 
 def test_bits_per_dim_averages_exactly_num_likelihood_images():
-    """20 images in batches of 16: the second batch holds 4 (the datamodule's ``limit``)."""
+    """20 held-out (validation) images in batches of 16: the second batch holds 4."""
     from datamodules.images import ImageDataModule
     from fm_lightning.flow.likelihood import dequantize
 
@@ -121,7 +121,7 @@ def test_bits_per_dim_averages_exactly_num_likelihood_images():
     model = affine_model([0.2], [0.5], shape=[1, 8, 8])
     m = evaluate.evaluate_images(model, dm, metrics=["bpd"], num_likelihood=20, batch_size=16, progress=False)["metrics"]
     gen = torch.Generator().manual_seed(1)
-    ys = [dequantize(b["x1"], gen) for b in dm.reference_dataloader(batch_size=16, limit=20)]
+    ys = [dequantize(b["x1"], gen) for b in DataLoader(Subset(dm.data_val, range(20)), batch_size=16)]
     assert [len(y) for y in ys] == [16, 4]
     logp = AffineGaussian([0.2] * 64, [0.5] * 64).log_prob(torch.cat(ys).flatten(1))
     expected = float(((-logp / 64 + np.log(128)) / np.log(2)).mean())

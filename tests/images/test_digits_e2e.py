@@ -63,7 +63,12 @@ def test_fm_sample_options_on_an_image_checkpoint(digits_run, tmp_path, capsys):
     assert fm_sample([ckpt, "--class", "null", "--out", str(tmp_path / "n.npz"), *common]) == 0
     assert "labels" not in np.load(tmp_path / "n.npz").files
     assert fm_sample([ckpt, "--out", str(tmp_path / "x.npz"), *common]) == 2
-    assert "class-conditional (10 classes)" in capsys.readouterr().err
+    assert "class-conditional (10 classes): pass --class K (0..9), --class all or --class null" in capsys.readouterr().err
+    for flag, name, ext in (("--out", "x.npy", ".npz"), ("--grid", "g.jpg", ".png")):
+        extra = ["--out", str(tmp_path / "y.npz")] if flag == "--grid" else []
+        assert fm_sample([ckpt, "--class", "3", *extra, flag, str(tmp_path / name), *common]) == 2
+        assert f"{flag} {str(tmp_path / name)!r}: fm-sample writes a {ext} file here" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.npy*")) and not list(tmp_path.glob("g.jpg*"))
     assert fm_sample([ckpt, "--class", "12", "--out", str(tmp_path / "x.npz"), *common]) == 2
     assert "--class must be a label 0..9" in capsys.readouterr().err
     assert fm_sample([ckpt, "--class", "all", "--batch-size", "0", "--out", str(tmp_path / "x.npz")]) == 2
@@ -80,15 +85,17 @@ def test_raw_and_ema_samples_differ(digits_run, tmp_path):
 @pytest.mark.parametrize("experiment", ["mnist", "mnist_cond"])
 def test_mnist_experiments_run_on_tiny_idx_files(tmp_path, experiment):
     write_mnist(str(tmp_path / "data"), n_train=24, n_test=8)
+    native = ["data.image_size=null", "data.channels=null"] if experiment == "mnist" else []  # MNIST's own 1x28x28
     cfg = compose_config(
         [f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
-         *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=none"],
+         *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=none", *native],
         tmp_path / "run",
     )
     metrics = run(cfg)
     assert metrics["global_step"] == 6 and np.isfinite(metrics["val/loss"])
     model = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert model.num_classes == (10 if experiment == "mnist_cond" else 0)
+    assert (model.net.in_channels, model.net.image_size) == (1, 28)
     out = tmp_path / "s.npz"
     args = ["--class", "all", "--guidance", "1.5"] if model.num_classes else []
     assert fm_sample([str(tmp_path / "run/checkpoints/last.ckpt"), *args, "--num-samples", "4", "--solver", "euler",

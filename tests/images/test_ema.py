@@ -150,6 +150,15 @@ def test_other_weight_averaging_callbacks_are_flagged():
             pass
 
 
+def test_before_its_first_update_the_ema_is_the_current_weights(tmp_path):
+    ema = EMA(decay=0.9, update_starting_at_step=15)
+    _fit(tmp_path, [ema, _checkpoint(tmp_path)])
+    early = torch.load(tmp_path / "ckpt" / "epoch=0-step=10.ckpt", weights_only=True)
+    assert all(torch.equal(early["state_dict"][k], v) for k, v in early["current_model_state"].items())
+    late = torch.load(tmp_path / "ckpt" / "epoch=0-step=20.ckpt", weights_only=True)
+    assert any(not torch.equal(late["state_dict"][k], v) for k, v in late["current_model_state"].items())
+
+
 def test_ema_bad_arguments():
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.0)

@@ -84,6 +84,25 @@ def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path)
         FID(TinyExtractor(num_features=8)).load_reference(str(tmp_path / "plain.npz"))
 
 
+def test_reference_files_of_another_size_or_unreadable_are_refused_in_one_line(tmp_path):
+    fid = FID(TinyExtractor())
+    fid.update(_images(50, 0), real=True)
+    path = str(tmp_path / "ref.npz")
+    fid.save_reference(path, "digits-train-1x8x8")
+    with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for .num_reference.; delete"):
+        FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=1797)
+    FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=50)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:200])
+    (tmp_path / "text.npz").write_text("mu sigma\n")
+    np.save(tmp_path / "one.npy", np.zeros(16))
+    for name in ("empty.npz", "cut.npz", "text.npz"):
+        with pytest.raises(ValueError, match=f"FID reference file .*{name}' is not a readable .npz.*delete it"):
+            FID(TinyExtractor()).load_reference(str(tmp_path / name))
+    with pytest.raises(ValueError, match="one.npy' holds one array, not an .npz"):
+        FID(TinyExtractor()).load_reference(str(tmp_path / "one.npy"))
+
+
 def test_injected_extractor_needs_num_features():
     with pytest.raises(TypeError, match="num_features"):
         FID(torch.nn.Flatten())
@@ -125,6 +144,29 @@ def test_fid_reference_subset_in_memory(tmp_path):
     dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
     _fid_trainer(tmp_path, cb, dm).fit(tiny_module(), dm)
     assert cb.fid.reference()["n"] == 100 and cb.last_metrics["val/fid"] > 0
+
+
+def test_fid_callback_refuses_a_cached_reference_of_another_num_reference(tmp_path):
+    ref = str(tmp_path / "ref.npz")
+    dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
+    kwargs = dict(num_samples=10, batch_size=10, reference=ref, feature=TinyExtractor(), solver="euler", steps=1)
+    _fid_trainer(tmp_path, FIDCallback(num_reference=100, **kwargs), dm).fit(tiny_module(), dm)
+    assert int(np.load(ref)["n"]) == 100
+    with pytest.raises(ValueError, match="statistics of 100 images, not of the 1797 asked for"):
+        _fid_trainer(tmp_path, FIDCallback(**kwargs), dm).fit(tiny_module(), dm)
+
+
+def test_guidance_on_an_unconditional_model_is_refused_before_training(tmp_path):
+    from fm_lightning.callbacks import SampleCallback
+
+    dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
+    for cb, key in ((SampleCallback(num_samples=4, guidance=2.0), "callbacks.samples"),
+                    (FIDCallback(num_samples=10, num_reference=20, feature=TinyExtractor(), guidance=2.0), "callbacks.fid")):
+        module = tiny_module()
+        with pytest.raises(ValueError, match=f"{key}.guidance: guidance=2.0 needs a class-conditional model.*"
+                                             f"set {key}.guidance=null"):
+            _fid_trainer(tmp_path, cb, dm).fit(module, dm)
+        assert module.global_step == 0
 
 
 @pytest.fixture
@@ -267,5 +309,5 @@ def test_standard_inception_path_offline(tmp_path, monkeypatch):
 
 def test_standard_inception_without_weights_says_what_to_do(tmp_path):
     pytest.importorskip("torch_fidelity")
-    with pytest.raises(RuntimeError, match="weights_path=.*or inject a feature extractor"):
+    with pytest.raises(ValueError, match="weights_path=.*or inject a feature extractor"):
         FID(2048, weights_path=str(tmp_path / "nowhere.pth"))

@@ -1,0 +1,112 @@
+"""fm-eval on image checkpoints of real fm-train runs: data that fit the model, found from the
+run's launch directory, options that apply, and what the report says bits/dim measured."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from datamodules.images import ImageDataModule
+from eval_helpers import TinyExtractor
+from fm_lightning import evaluate
+from fm_lightning.module import load_checkpoint
+from images.image_helpers import write_mnist
+
+TINY = ["debug=fast", "trainer.max_steps=2", "trainer.val_check_interval=2", "model.lr_scheduler.warmup_steps=1",
+        "callbacks.samples.num_samples=4", "callbacks.samples.steps=2", "callbacks.samples.num_trajectories=2",
+        "logger=none"]
+BPD = ["--metrics", "bpd", "--num-likelihood", "2", "--likelihood-tol", "1e-2", "--batch-size", "2"]
+
+
+def _train(launch, *overrides):
+    """``fm-train`` as a user runs it from ``launch``; returns the run directory ``launch/run``."""
+    run_dir = launch / "run"
+    proc = run_cli("fm-train", *overrides, *TINY, f"hydra.run.dir={run_dir}", cwd=launch)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """``fm-train experiment=digits``: class-conditional 1x8x8, val_fraction=0.1."""
+    return _train(tmp_path_factory.mktemp("digits"), "experiment=digits", "model.net.model_channels=16")
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """``fm-train experiment=mnist``: unconditional 1x28x28, launched from the folder that holds
+    ``data/MNIST`` (the default ``data.root``, relative: ``${paths.root_dir}/data``)."""
+    launch = tmp_path_factory.mktemp("mnist")
+    write_mnist(str(launch / "data"), n_train=24, n_test=8)
+    return _train(launch, "experiment=mnist", "model.net.model_channels=32", "data.batch_size=8",
+                  "data.num_workers=0")
+
+
+def _ckpt(run_dir):
+    return str(run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_image_data_of_another_shape_or_classes_are_refused(digits_run, mnist_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(mnist_run.parent)  # the launch directory: the data are there, only their shape is wrong
+    config = str(mnist_run / ".hydra" / "config.yaml")
+    assert evaluate.main([_ckpt(digits_run), "--data-config", config, *BPD, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shape (1, 28, 28) but the model's are (1, 8, 8)" in err
+    unlabelled = OmegaConf.load(digits_run / ".hydra" / "config.yaml")
+    unlabelled.data.num_classes = 0
+    OmegaConf.save(unlabelled, tmp_path / "unlabelled.yaml")
+    assert evaluate.main([_ckpt(digits_run), "--data-config", str(tmp_path / "unlabelled.yaml"), *BPD,
+                          "--out", str(tmp_path / "b")]) == 2
+    assert "class-conditional (10 classes) but the data have num_classes=0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\) but the model's are \(1, 28, 28\)"):
+        evaluate.evaluate_images(load_checkpoint(_ckpt(mnist_run)), ImageDataModule("digits"), metrics=["bpd"])
+
+
+def test_image_data_are_found_from_the_directory_fm_train_was_launched_from(mnist_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)  # not the launch directory
+    monkeypatch.delenv("FM_ROOT", raising=False)
+    assert evaluate.main([_ckpt(mnist_run), *BPD, "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert report["data"] == "mnist-train-1x28x28" and math.isfinite(report["metrics"]["eval/bpd"])
+    # FM_ROOT set in the environment still wins; the error says what an fm-eval user can do.
+    monkeypatch.setenv("FM_ROOT", str(tmp_path / "elsewhere"))
+    assert evaluate.main([_ckpt(mnist_run), *BPD, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"root='{tmp_path / 'elsewhere'}/data'" in err and "fm-eval: pass --data-config" in err
+
+
+def test_options_that_do_not_apply_to_an_image_checkpoint_are_refused(digits_run, mnist_run, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(mnist_run.parent)  # the launch directory: the data are there, only the options are wrong
+    out = ["--out", str(tmp_path / "e")]
+    assert evaluate.main([_ckpt(mnist_run), "--guidance", "5", *BPD, *out]) == 2
+    assert "guidance=5 needs a class-conditional model" in capsys.readouterr().err
+    assert evaluate.main([_ckpt(mnist_run), "--target", "moons", *BPD, *out]) == 2
+    assert "--target moons applies to 2-D checkpoints only" in capsys.readouterr().err
+    assert evaluate.main([_ckpt(digits_run), "--guidance", "2", *BPD, *out]) == 2  # bits/dim take no guidance
+    assert "guidance=2 applies to generated images" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    datamodule = ImageDataModule("mnist", root=str(mnist_run.parent / "data"), val_split="test")
+    with pytest.raises(ValueError, match="guidance=5 needs a class-conditional model"):
+        evaluate.evaluate_images(load_checkpoint(_ckpt(mnist_run)), datamodule, metrics=["fid"], num_samples=4,
+                                 fid_feature=TinyExtractor(), guidance=5.0)
+
+
+def test_report_records_the_guidance_and_the_held_out_split_of_bits_per_dim(digits_run, mnist_run, tmp_path):
+    report = evaluate.evaluate_checkpoint(
+        _ckpt(digits_run), tmp_path / "d", guidance=2.0, fid_feature=TinyExtractor(), num_samples=10,
+        num_reference=20, num_likelihood=3, batch_size=3, solver="euler", steps=2, likelihood_tol=1e-2)
+    assert json.loads((tmp_path / "d" / "eval.json").read_text())["sampling"]["guidance"] == 2.0
+    assert report["bpd_data"] == {"split": "validation split (val_fraction=0.1 of the train split held out, seed 0)",
+                                  "images": 3, "likelihood": "log p(x|y)"}
+    md = (tmp_path / "d" / "eval.md").read_text()
+    assert "; guidance 2;" in md and "bits/dim: from log p(x|y) on 3 images of the validation split" in md
+    report = evaluate.evaluate_checkpoint(_ckpt(mnist_run), tmp_path / "m", metrics=["bpd"], num_likelihood=2,
+                                          batch_size=2, likelihood_tol=1e-2)
+    assert report["bpd_data"] == {"split": "test split", "images": 2, "likelihood": "log p(x)"}
+    assert "guidance" not in report["sampling"]

@@ -1,0 +1,73 @@
+"""Learning-rate schedules against their closed forms; a resumed schedule follows the config."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from fm_lightning.schedules import WarmupConstant, WarmupCosine
+
+
+def _lrs(scheduler, steps):
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def _sgd(lr=1.0):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_warmup_cosine_matches_its_closed_form():
+    lrs = _lrs(WarmupCosine(_sgd(2.0), warmup_steps=4, total_steps=24, final_lr_ratio=0.1), 30)
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    for step in range(4, 30):
+        progress = min(1.0, (step - 4) / 20)
+        assert lrs[step] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+    assert lrs[14] == pytest.approx(2.0 * 0.55) and lrs[24:] == pytest.approx([0.2] * 6)
+
+
+def test_warmup_constant():
+    assert _lrs(WarmupConstant(_sgd(), warmup_steps=3), 6) == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
+
+
+def test_resumed_schedule_follows_the_configured_length():
+    first = WarmupCosine(_sgd(), warmup_steps=2, total_steps=12, final_lr_ratio=0.0)
+    _lrs(first, 12)
+    longer = WarmupCosine(_sgd(), warmup_steps=2, total_steps=22, final_lr_ratio=0.0)
+    longer.load_state_dict(first.state_dict())
+    assert longer.total_steps == 22 and longer.last_epoch == 12
+    longer.optimizer.step()
+    longer.step()
+    assert longer.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+
+
+def test_total_steps_null_follows_the_trainers_max_steps():
+    import hydra
+
+    from conftest import compose_config
+
+    cfg = compose_config(["model.lr_scheduler.total_steps=null", "model.lr_scheduler.warmup_steps=2"])
+    module = hydra.utils.instantiate(cfg.model)
+    module._trainer = types.SimpleNamespace(max_steps=40)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.total_steps == 40
+    module._trainer = types.SimpleNamespace(max_steps=-1)
+    with pytest.raises(ValueError, match="total_steps=null follows trainer.max_steps, which is not set"):
+        module.configure_optimizers()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"final_lr_ratio": -1}, "0 <= final_lr_ratio <= 1"),
+    ({"final_lr_ratio": float("nan")}, "0 <= final_lr_ratio <= 1"),
+    ({"warmup_steps": 10, "total_steps": 10}, "0 <= warmup_steps < total_steps"),
+])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WarmupCosine(_sgd(), **kwargs)
