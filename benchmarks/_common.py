@@ -201,6 +201,8 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True, warmup: int = 0):
     flow = hydra.utils.instantiate(cfg.model.flow)
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(net.parameters())
     scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer) if cfg.model.get("lr_scheduler") else None
+    if getattr(scheduler, "total_steps", 0) is None:  # as the module does: the schedule spans max_steps
+        scheduler.set_total_steps(cfg.trainer.max_steps)
     datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
     loader = datamodule.train_dataloader()
     total, done, clock = int(cfg.trainer.max_steps), 0, None
