@@ -125,6 +125,17 @@ CASES = {
                                   "model.net.image_size=16 does not fit data of shape (1, 8, 8)"),
     "image net of other channels": (train("experiment=digits", "model.net.in_channels=3"),
                                     "model.net.in_channels=3 does not fit data of shape (1, 8, 8)"),
+    "image net of other classes": (train("experiment=digits", "model.net.num_classes=12"),
+                                   "model.net.num_classes=12 does not fit data with 10 classes"),
+    "conditional net on unlabelled images": (train("experiment=digits", "data.num_classes=0", "model.net.num_classes=10"),
+                                             "does not fit data with no labels (data.num_classes=0)"),
+    "image data without an image preset": (train("data=images", "model/net=unet_tiny"),
+                                           "start from an image preset (experiment=digits"),
+    "guidance for an unconditional model": (train("experiment=digits", "data.num_classes=0", "model.cond_drop_prob=0"),
+                                            "callbacks.samples.guidance: guidance=2.0 needs a class-conditional model"),
+    "FID without Inception weights": (train("experiment=digits", "+callbacks.fid._target_=fm_lightning.callbacks.FIDCallback",
+                                            "+callbacks.fid.weights_path={root}/missing.pth"),
+                                      "cannot load the Inception-v3 weights"),
     # configs: model and flow
     "Lipman path on a non-Gaussian source": (train("flow=fm"), "assumes a standard Gaussian source"),
     "SB path with sigma 0": (train("flow=sbcfm", "model.flow.path.sigma=0"), "needs sigma > 0"),
@@ -132,6 +143,12 @@ CASES = {
     "negative Sinkhorn reg": (train("flow=sbcfm", "model.flow.coupling.reg=-1"), "reg must be > 0"),
     "zero Sinkhorn tolerance": (train("flow=sbcfm", "+model.flow.coupling.tol=0"), "needs tol > 0"),
     "logit-normal std 0": (train("flow=rf", "model.flow.time_sampler.std=0"), "std must be > 0"),
+    "infinite ICFM sigma": (train("flow=icfm", "model.flow.path.sigma=inf"), "ICFMPath sigma must be >= 0 and finite"),
+    "NaN logit-normal mean": (train("flow=rf", "model.flow.time_sampler.mean=nan"),
+                              "LogitNormalTime mean must be finite"),
+    "infinite SB sigma": (train("flow=sbcfm", "model.flow.path.sigma=inf"),
+                          "SchrodingerBridgePath needs sigma > 0 and finite"),
+    "infinite Sinkhorn reg": (train("flow=sbcfm", "model.flow.coupling.reg=inf"), "reg must be > 0 and finite"),
     "unknown activation": (train("model.net.activation=swish"), "unknown activation 'swish'"),
     "warmup longer than training": (train("model.lr_scheduler.warmup_steps=1000"), "lower model.lr_scheduler"),
     # solver settings
@@ -141,6 +158,7 @@ CASES = {
     # trainer and devices
     "GPU preset without GPUs": (train("trainer=ddp"), "needs CUDA GPUs but none is visible"),
     "fp16 on the CPU": (train("trainer.precision=16-mixed"), "not supported on the CPU"),
+    "bf16 weights": (train("trainer.precision=bf16-true"), "use trainer.precision=bf16-mixed"),
     # output directories and checkpoints
     "rerun into a finished run": (train(out="logs/train/runs/earlier"), "already holds checkpoints"),
     "output below a file": (train(out="a_file/run"), "cannot create output directory"),

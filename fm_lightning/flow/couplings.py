@@ -10,6 +10,7 @@ transported onto a target of another class).
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -23,11 +24,23 @@ __all__ = ["Coupling", "IndependentCoupling", "ExactOTCoupling", "SinkhornOTCoup
 log = logging.getLogger(__name__)
 
 
-def _all_gather(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (B, ...) from every rank in rank order: (world*B, ...)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+def _batch_sizes(x: Tensor) -> list[int]:
+    """The batch size ``x.shape[0]`` of every rank, in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    return [int(s) for s in sizes]
+
+
+def _all_gather(x: Tensor, sizes: list[int]) -> Tensor:
+    """Concatenate ``x`` (sizes[rank], ...) from every rank in rank order: (sum(sizes), ...).
+
+    Unequal sizes (a last validation batch) are padded to the largest for the collective and
+    the padding is dropped after it."""
+    n = max(sizes)
+    x = x.contiguous() if x.shape[0] == n else torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x)
+    return torch.cat(parts if min(sizes) == n else [p[:s] for p, s in zip(parts, sizes)])
 
 
 def squared_cost(x0: Tensor, x1: Tensor) -> Tensor:
@@ -60,14 +73,15 @@ class Coupling:
         return x0[i], x1[j], None if cond is None else cond[j]
 
     def _pair_global_batch(self, x0, x1, cond, generator):
-        """Gather every rank's batch, solve the coupling on the global batch (identically on
-        each rank), and keep this rank's share of the pairs: rank ``r`` takes pairs
-        ``r*B ... (r+1)*B - 1``. Per-rank batches must have equal sizes."""
-        rank, b = dist.get_rank(), x0.shape[0]
-        g0, g1 = _all_gather(x0), _all_gather(x1)
-        gc = None if cond is None else _all_gather(cond)
+        """Gather every rank's batch (sizes may differ), solve the coupling on the global batch
+        (identically on each rank), and keep this rank's share of the pairs: the rows of the
+        global batch that came from this rank, ``sum(sizes[:rank]) ...`` (B of them)."""
+        sizes = _batch_sizes(x0)
+        g0, g1 = _all_gather(x0, sizes), _all_gather(x1, sizes)
+        gc = None if cond is None else _all_gather(cond, sizes)
         i, j = self.pair_indices(g0, g1, generator) if gc is None else self._pair_within_classes(g0, g1, gc, generator)
-        mine = slice(rank * b, (rank + 1) * b)
+        start = sum(sizes[: dist.get_rank()])
+        mine = slice(start, start + x0.shape[0])
         return g0[i[mine]], g1[j[mine]], None if gc is None else gc[j[mine]]
 
     def _pair_within_classes(self, x0, x1, cond, generator):
@@ -115,10 +129,16 @@ class ExactOTCoupling(Coupling):
         if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
             # The loss will be non-finite too; the training loop's guard decides what happens.
             log.warning("ExactOTCoupling got non-finite samples; keeping this batch's pairs as given")
-            ar = torch.arange(x0.shape[0], device=x0.device)
-            return ar, ar
-        cols = optimal_assignment(squared_cost(x0, x1).cpu().numpy())
-        return torch.arange(x0.shape[0], device=x0.device), torch.as_tensor(cols, device=x1.device)
+        return _exact_ot_indices(x0, x1)
+
+
+def _exact_ot_indices(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+    """Index tensors ``(i, j)`` (B,) of the exact OT pairs; the pairs as given if a sample is
+    non-finite."""
+    ar = torch.arange(x0.shape[0], device=x0.device)
+    if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
+        return ar, ar
+    return ar, torch.as_tensor(optimal_assignment(squared_cost(x0, x1).cpu().numpy()), device=x1.device)
 
 
 #: Epsilon-scaling in :func:`_entropic_plan`: each stage multiplies the regularisation by
@@ -133,7 +153,7 @@ def _entropic_plan(cost: np.ndarray, reg: float, tol: float, max_iters: int) -> 
 
     The plan has the Gibbs form ``P_ij = exp((f_i + g_j - C_ij) / reg)`` (dual potentials f, g).
     Algorithm: stabilised Sinkhorn in the scaling form with absorption (Schmitzer 2019), with
-    three parts.
+    four parts.
 
     1. Epsilon-scaling: ``eps`` runs from ``max C`` down to ``reg`` by factors ``EPS_FACTOR``;
        each stage warm-starts from the previous stage's ``f, g``.
@@ -147,11 +167,14 @@ def _entropic_plan(cost: np.ndarray, reg: float, tol: float, max_iters: int) -> 
        ``w = 1``. The contraction rate ``lam`` of the log row residual is measured over windows
        of 10 iterations. Once it is steady, Young's SOR relation ``mu^2 = (lam + w - 1)^2 /
        (lam w^2)`` gives ``w = 2 / (1 + sqrt(1 - mu^2))``, capped at 1.99.
+    4. Unless it converged at ``reg``, the plan is one log-domain half-step at ``reg`` from the
+       last finite ``g``: ``P_ij = softmax_j((g_j - C_ij) / reg) / B0``. Its rows are exact and
+       it is finite for any finite ``C / reg``. So a small reg gives a plan near exact OT even
+       where the iterations run out before ``eps`` reaches it, or where the scaling form loses
+       precision (``eps`` near ``1e-16 * max C``: a non-finite error, and that stage is dropped).
 
     It stops when ``max(|B0 * rowsum - 1|, |B1 * colsum - 1|) < tol`` in the last stage, or
-    after ``max_iters`` iterations in all (stages included). If the iterations run out before the
-    last stage, the plan is still formed at ``reg`` from the potentials reached, and its error
-    shows it. A breakdown (a reg far below the cost scale) gives a non-finite error.
+    after ``max_iters`` iterations in all (stages included).
 
     Args:
         cost: (B0, B1) float64 cost matrix.
@@ -160,14 +183,16 @@ def _entropic_plan(cost: np.ndarray, reg: float, tol: float, max_iters: int) -> 
         max_iters: cap on the total number of iterations.
 
     Returns:
-        ``(plan, err, iters)``: the (B0, B1) plan at ``reg``, its relative marginal violation
-        (as above, recomputed from the plan), and the iterations used.
+        ``(plan, err, iters)``: the (B0, B1) plan at ``reg`` (non-finite only for a non-finite
+        ``C / reg``), its relative marginal violation (as above, recomputed from the plan), and
+        the iterations used.
     """
     n0, n1 = cost.shape
     f, g = np.zeros(n0), np.zeros(n1)
     eps, it = max(reg, float(cost.max())), 0
     with np.errstate(all="ignore"):  # a breakdown shows up as a non-finite err, handled below
         while True:
+            g_last = g
             kernel = np.exp((f[:, None] + g[None, :] - cost) / eps)
             u, v, w, resid = np.ones(n0), np.ones(n1), 1.0, []
             stop = tol if eps <= reg else max(tol, STAGE_TOL)
@@ -192,10 +217,18 @@ def _entropic_plan(cost: np.ndarray, reg: float, tol: float, max_iters: int) -> 
                     kernel = np.exp((f[:, None] + g[None, :] - cost) / eps)
                     u, v = np.ones(n0), np.ones(n1)
             f, g = f + eps * np.log(u), g + eps * np.log(v)
-            if eps <= reg or it >= max_iters or not np.isfinite(err):
+            if not np.isfinite(err):  # lost precision: keep the last finite stage's g
+                g = g_last
+                break
+            if eps <= reg or it >= max_iters:
                 break
             eps = max(reg, eps * EPS_FACTOR)
-        plan = np.exp((f[:, None] + g[None, :] - cost) / reg)
+        if eps <= reg and err <= tol:
+            plan = np.exp((f[:, None] + g[None, :] - cost) / reg)
+        else:
+            logits = (g[None, :] - cost) / reg
+            plan = np.exp(logits - logits.max(1, keepdims=True))
+            plan /= plan.sum(1, keepdims=True) * n0
         err = max(np.abs(plan.sum(1) * n0 - 1).max(), np.abs(plan.sum(0) * n1 - 1).max())
     return plan, float(err), it
 
@@ -205,29 +238,34 @@ class SinkhornOTCoupling(Coupling):
 
     The plan is solved by :func:`_entropic_plan` (stabilised Sinkhorn with epsilon-scaling and
     over-relaxation) to a relative marginal violation ``tol``. If ``num_iters`` runs out first,
-    a warning gives the error reached (once per coupling).
+    a warning gives the error reached (once per coupling). If the plan is not finite (non-finite
+    samples, or ``C / reg`` beyond float64), the batch takes exact OT pairs, the ``reg -> 0``
+    limit, with a warning (once per coupling).
 
     Args:
-        reg: entropic regularisation ``epsilon`` on the *unnormalised* squared cost.
+        reg: entropic regularisation ``epsilon > 0`` (finite) on the *unnormalised* squared cost.
             Schrodinger-bridge CFM uses ``reg = 2*sigma**2``; ``None`` lets the objective
             fill that in from its path.
         num_iters: maximum Sinkhorn iterations in all (epsilon-scaling stages included).
         global_batch: solve on the batch gathered from all ranks (see :class:`ExactOTCoupling`).
-        tol: stop when ``max |B * row sums - 1|`` and ``max |B * column sums - 1|`` are below it.
+        tol: stop when ``max |B * row sums - 1|`` and ``max |B * column sums - 1|`` are below it
+            (finite, ``> 0``).
     """
 
     def __init__(
         self, reg: float | None = None, num_iters: int = 1000, global_batch: bool = False, tol: float = 1e-4
     ) -> None:
-        if reg is not None and not reg > 0:
-            raise ValueError(f"SinkhornOTCoupling reg must be > 0, got {reg}")
-        if not tol > 0 or int(num_iters) < 1:
-            raise ValueError(f"SinkhornOTCoupling needs tol > 0 and num_iters >= 1, got {tol} and {num_iters}")
+        if reg is not None and not (math.isfinite(reg) and reg > 0):
+            raise ValueError(f"SinkhornOTCoupling reg must be > 0 and finite, got {reg}")
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"SinkhornOTCoupling needs tol > 0 and finite, got {tol}")
+        if not (math.isfinite(num_iters) and num_iters >= 1):
+            raise ValueError(f"SinkhornOTCoupling needs num_iters >= 1, got {num_iters}")
         self.reg = None if reg is None else float(reg)
         self.num_iters = int(num_iters)
         self.global_batch = bool(global_batch)
         self.tol = float(tol)
-        self._warned = False
+        self._warned = self._warned_fallback = False
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -239,7 +277,7 @@ class SinkhornOTCoupling(Coupling):
             raise ValueError("SinkhornOTCoupling.reg is unset; give reg or pair it with SchrodingerBridgePath")
         cost = squared_cost(x0, x1).cpu().numpy()
         pi, err, iters = _entropic_plan(cost, self.reg, self.tol, self.num_iters)
-        if not err < self.tol and not self._warned:
+        if np.isfinite(err) and not err < self.tol and not self._warned:
             self._warned = True
             log.warning(
                 "Sinkhorn did not converge in %d iterations (reg=%s): marginal error %.2e > tol %.0e. "
@@ -251,20 +289,15 @@ class SinkhornOTCoupling(Coupling):
     def pair_indices(self, x0, x1, generator):
         pi = self.plan(x0, x1)
         n = x0.shape[0]
-        # A reg far below the cost scale gives NaN, or a finite plan that is not a coupling at
-        # all (mass ~10, marginals off by x30): treat marginals off by more than half as broken.
-        ok = bool(np.isfinite(pi).all()) and pi.sum() > 0
-        if ok:
-            rows, cols = pi.sum(1) * pi.shape[0], pi.sum(0) * pi.shape[1]
-            ok = max(np.abs(rows - 1).max(), np.abs(cols - 1).max()) < 0.5
-        if not ok:
-            log.warning(
-                "Sinkhorn plan is not finite or not a coupling (reg=%s is too small for this cost scale); "
-                "falling back to the independent coupling for this batch. Increase reg.",
-                self.reg,
-            )
-            ar = torch.arange(n, device=x0.device)
-            return ar, ar
+        if not np.isfinite(pi).all():
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                log.warning(
+                    "Sinkhorn plan is not finite (non-finite samples, or cost / reg beyond float64 at reg=%s); "
+                    "using exact OT pairs, the reg -> 0 limit (warned once per coupling).",
+                    self.reg,
+                )
+            return _exact_ot_indices(x0, x1)
         probs = torch.as_tensor(pi.reshape(-1) / pi.sum(), dtype=torch.float64)
         flat = torch.multinomial(probs, n, replacement=True, generator=generator)
         i, j = flat // pi.shape[1], flat % pi.shape[1]

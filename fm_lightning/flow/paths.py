@@ -70,12 +70,12 @@ class ICFMPath(ProbabilityPath):
     With ``sigma=0`` this is rectified flow.
 
     Args:
-        sigma: constant noise level, ``>= 0``.
+        sigma: constant noise level, finite and ``>= 0``.
     """
 
     def __init__(self, sigma: float = 0.0) -> None:
-        if not sigma >= 0:  # also rejects NaN
-            raise ValueError(f"ICFMPath sigma must be >= 0, got {sigma}")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"ICFMPath sigma must be >= 0 and finite, got {sigma}")
         self.sigma = float(sigma)
 
     def interpolate(self, x0, x1, t, eps):
@@ -99,7 +99,7 @@ class LipmanOTPath(ProbabilityPath):
     requires_gaussian_source = True
 
     def __init__(self, sigma_min: float = 1e-4) -> None:
-        if not 0 <= sigma_min < 1:
+        if not 0 <= sigma_min < 1:  # also rejects NaN and inf
             raise ValueError(f"LipmanOTPath sigma_min must be in [0, 1), got {sigma_min}")
         self.sigma_min = float(sigma_min)
 
@@ -119,12 +119,12 @@ class VPPath(ProbabilityPath):
     ``u_t = pi/2 * (cos(pi t/2)*x1 - sin(pi t/2)*x0)``.
 
     Args:
-        sigma: constant noise level, ``>= 0``.
+        sigma: constant noise level, finite and ``>= 0``.
     """
 
     def __init__(self, sigma: float = 0.0) -> None:
-        if not sigma >= 0:  # also rejects NaN
-            raise ValueError(f"VPPath sigma must be >= 0, got {sigma}")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"VPPath sigma must be >= 0 and finite, got {sigma}")
         self.sigma = float(sigma)
 
     def interpolate(self, x0, x1, t, eps):
@@ -145,12 +145,13 @@ class SchrodingerBridgePath(ProbabilityPath):
     at ``1e-6`` so the target stays finite at the ends.
 
     Args:
-        sigma: bridge noise level, ``> 0``. Pair it with Sinkhorn ``reg = 2*sigma**2``.
+        sigma: bridge noise level, finite and ``> 0``. Pair it with Sinkhorn ``reg = 2*sigma**2``.
     """
 
     def __init__(self, sigma: float = 1.0) -> None:
-        if not sigma > 0:
-            raise ValueError(f"SchrodingerBridgePath needs sigma > 0, got {sigma}; use ICFMPath (flow=icfm) for sigma=0")
+        if not (math.isfinite(sigma) and sigma > 0):
+            hint = "; use ICFMPath (flow=icfm) for sigma=0" if sigma == 0 else ""
+            raise ValueError(f"SchrodingerBridgePath needs sigma > 0 and finite, got {sigma}{hint}")
         self.sigma = float(sigma)
 
     def interpolate(self, x0, x1, t, eps):

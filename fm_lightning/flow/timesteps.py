@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -34,13 +36,15 @@ class LogitNormalTime(TimeSampler):
     """``t = sigmoid(m + s*z)`` with ``z ~ N(0, 1)`` (as in Stable Diffusion 3).
 
     Args:
-        mean: location ``m`` of the logit.
-        std: scale ``s > 0`` of the logit.
+        mean: location ``m`` of the logit, finite.
+        std: scale ``s > 0`` of the logit, finite.
     """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        if not std > 0:
-            raise ValueError(f"LogitNormalTime std must be > 0, got {std}")
+        if not math.isfinite(mean):
+            raise ValueError(f"LogitNormalTime mean must be finite, got {mean}")
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"LogitNormalTime std must be > 0 and finite, got {std}")
         self.mean, self.std = float(mean), float(std)
 
     def __call__(self, n, device=None, generator=None):

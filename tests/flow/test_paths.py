@@ -155,10 +155,14 @@ def test_sb_marginal_variance():
         lambda: VPPath(float("nan")),
         lambda: LipmanOTPath(float("nan")),
         lambda: SchrodingerBridgePath(float("nan")),
+        lambda: ICFMPath(float("inf")),
+        lambda: VPPath(float("inf")),
+        lambda: LipmanOTPath(float("inf")),
+        lambda: SchrodingerBridgePath(float("inf")),
     ],
 )
 def test_bad_params_raise(make):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sigma"):
         make()
 
 

@@ -62,7 +62,13 @@ def test_generator_reproducibility(sampler):
     assert torch.equal(d, sampler(64))
 
 
-@pytest.mark.parametrize("std", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf")])
 def test_logit_normal_bad_std_raises(std):
-    with pytest.raises(ValueError, match="std must be > 0"):
+    with pytest.raises(ValueError, match="std must be > 0 and finite"):
         LogitNormalTime(0.0, std)
+
+
+@pytest.mark.parametrize("mean", [float("nan"), float("inf"), -float("inf")])
+def test_logit_normal_non_finite_mean_raises(mean):
+    with pytest.raises(ValueError, match="mean must be finite"):
+        LogitNormalTime(mean, 1.0)
