@@ -142,6 +142,7 @@ class EMA(EMAWeightAveraging):
         )
         self.decay, self.device = decay, device
         self.swapped = False  # the module holds the EMA weights (the average model the raw ones)
+        self._swapped_for_validation = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         start = self.update_starting_at_step
@@ -150,7 +151,6 @@ class EMA(EMAWeightAveraging):
             self._average_model.update_parameters(pl_module)
             return
         super().on_train_batch_end(trainer, pl_module, *args)
-        self._swapped_for_validation = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
