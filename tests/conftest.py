@@ -48,6 +48,23 @@ def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 3
     )
 
 
+#: Image experiments at smoke-test size.
+IMAGE_TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "model.lr_scheduler.warmup_steps=5",
+              "callbacks.samples.num_samples=20", "callbacks.samples.steps=5", "callbacks.samples.num_trajectories=3",
+              "logger=csv"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """``fm-train experiment=digits`` as a user runs it (from the run's parent folder), shrunk to
+    20 steps: class-conditional 1x8x8, val_fraction=0.1."""
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    proc = run_cli("fm-train", "experiment=digits", *IMAGE_TINY, "model.net.model_channels=16",
+                   f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch, tmp_path):
     """W&B never touches the network in tests and writes only under the test's tmp dir."""

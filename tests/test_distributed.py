@@ -24,8 +24,12 @@ from fm_lightning.train import run
 
 
 def test_fm_train_ddp_cpu_leaves_one_run_directory_with_one_checkpoint(tmp_path):
+    """Also with OT on the gathered global batch, whose validation batches of 64 leave the
+    ranks' last batches of different sizes (val_size=300), which once crashed gloo's all_gather."""
     runs = tmp_path / "runs"
-    proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", f"paths.log_dir={runs}", cwd=tmp_path, timeout=600)
+    proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", f"paths.log_dir={runs}",
+                   "model.flow.coupling.global_batch=true", "trainer.limit_val_batches=1.0", "data.val_size=300",
+                   cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = list((runs / "train/runs").iterdir())
     assert len(run_dirs) == 1, run_dirs
@@ -34,7 +38,8 @@ def test_fm_train_ddp_cpu_leaves_one_run_directory_with_one_checkpoint(tmp_path)
     for artefact in ["samples.png", "trajectories.png", "metrics.json", "csv/metrics.csv"]:
         assert len(list(run_dir.glob(artefact))) == 1, artefact
     assert len(list(run_dir.rglob("metrics.csv"))) == 1 and len(list(run_dir.rglob(".hydra"))) == 1
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 40
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 40 and "val/loss" in metrics
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -150,80 +155,39 @@ def _gathered_ot_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         from fm_lightning.flow.couplings import ExactOTCoupling
 
-        gen = torch.Generator().manual_seed(rank)
-        x0, x1 = torch.randn(3, 2, generator=gen), torch.randn(3, 2, generator=gen) * 3
-        p0, p1, _ = ExactOTCoupling(global_batch=True)(x0, x1)
-        torch.save({"x0": x0, "x1": x1, "p0": p0, "p1": p1}, os.path.join(out_dir, f"pairs{rank}.pt"))
+        for case, n in (("equal", 3), ("unequal", 5 if rank == 0 else 3)):  # unequal: a last validation batch
+            gen = torch.Generator().manual_seed(rank)
+            x0, x1 = torch.randn(n, 2, generator=gen), torch.randn(n, 2, generator=gen) * 3
+            cond = torch.arange(n) % 2
+            p0, p1, _ = ExactOTCoupling(global_batch=True)(x0, x1)
+            c0, c1, cc = ExactOTCoupling(global_batch=True)(x0, x1, cond)
+            torch.save({"x0": x0, "x1": x1, "cond": cond, "p0": p0, "p1": p1, "c0": c0, "c1": c1, "cc": cc},
+                       os.path.join(out_dir, f"{case}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_gathered_ot_pairs_are_an_optimal_permutation_of_the_global_batch(tmp_path):
-    import itertools
-
-    mp.spawn(_gathered_ot_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    parts = [torch.load(tmp_path / f"pairs{r}.pt", weights_only=True) for r in range(2)]
-    g0, g1 = torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts])
-    p0, p1 = torch.cat([p["p0"] for p in parts]), torch.cat([p["p1"] for p in parts])
-    # Every global source and target point is used exactly once across the ranks.
-    src = [int((g0 == row).all(1).nonzero()) for row in p0]
-    tgt = [int((g1 == row).all(1).nonzero()) for row in p1]
-    assert sorted(src) == list(range(6)) and sorted(tgt) == list(range(6))
-    # ... and the pairing is the brute-force optimum of the global batch (not two local optima).
-    cost = lambda perm: sum(float((g0[i] - g1[j]).square().sum()) for i, j in zip(range(6), perm))
-    best = min(itertools.permutations(range(6)), key=cost)
-    pairing = dict(zip(src, tgt))
-    assert abs(cost([pairing[i] for i in range(6)]) - cost(best)) < 1e-9
-
-
-def _unequal_gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from fm_lightning.flow.couplings import ExactOTCoupling
-
-        n = 5 if rank == 0 else 3  # a last validation batch: fewer rows on rank 1
-        gen = torch.Generator().manual_seed(rank)
-        x0, x1 = torch.randn(n, 2, generator=gen), torch.randn(n, 2, generator=gen) * 3
-        cond = torch.arange(n) % 2
-        p0, p1, _ = ExactOTCoupling(global_batch=True)(x0, x1)
-        c0, c1, cc = ExactOTCoupling(global_batch=True)(x0, x1, cond)
-        torch.save({"x0": x0, "x1": x1, "cond": cond, "p0": p0, "p1": p1, "c0": c0, "c1": c1, "cc": cc},
-                   os.path.join(out_dir, f"pairs{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gathered_ot_with_unequal_rank_batches_is_the_global_optimum_and_each_rank_keeps_its_rows(tmp_path):
-    """Rank batches of 5 and 3 rows: the gathered assignment is a permutation of all 8 targets
-    and the optimum of the global batch, and each rank gets back exactly its own source rows."""
+def test_gathered_ot_pairs_are_the_global_optimum_and_each_rank_keeps_its_rows(tmp_path):
+    """Rank batches of 3 and 3 rows, and of 5 and 3: the gathered assignment is a permutation of
+    all targets and the optimum of the global batch (not two local optima), within classes when
+    labelled, and each rank gets back exactly its own source rows."""
     from scipy.optimize import linear_sum_assignment
 
-    mp.spawn(_unequal_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    parts = [torch.load(tmp_path / f"pairs{r}.pt", weights_only=True) for r in range(2)]
-    g0, g1 = torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts])
-    gc = torch.cat([p["cond"] for p in parts])
-    for part in parts:  # its own rows, in order, and labels that follow their targets
-        assert torch.equal(part["p0"], part["x0"]) and torch.equal(part["c0"], part["x0"])
-        assert torch.equal(part["cc"], part["cond"])
-    cost = torch.cdist(g0.double(), g1.double()).square().numpy()
-    tgt = [int((g1 == row).all(1).nonzero()) for row in torch.cat([p["p1"] for p in parts])]
-    assert sorted(tgt) == list(range(8))
-    _, best = linear_sum_assignment(cost)
-    assert abs(cost[range(8), tgt].sum() - cost[range(8), best].sum()) < 1e-9
-    tgt = [int((g1 == row).all(1).nonzero()) for row in torch.cat([p["c1"] for p in parts])]
-    assert sorted(tgt) == list(range(8)) and torch.equal(gc[tgt], gc)  # within classes
-
-
-def test_fm_train_ddp_cpu_with_global_batch_ot_validates_unequal_last_batches(tmp_path):
-    """val_size=300 in batches of 64: the ranks' last validation batches differ (44 rows against
-    a full one), which crashed gloo's all_gather in the global-batch coupling."""
-    proc = run_cli("fm-train", "trainer=ddp_cpu", "debug=fast", "model.flow.coupling.global_batch=true",
-                   "trainer.limit_val_batches=1.0", "data.val_size=300", "trainer.max_steps=10",
-                   "trainer.val_check_interval=10", "data.num_workers=0", "logger=none",
-                   f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "'val/loss'" in proc.stdout + proc.stderr
+    mp.spawn(_gathered_ot_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for case, total in (("equal", 6), ("unequal", 8)):
+        parts = [torch.load(tmp_path / f"{case}{r}.pt", weights_only=True) for r in range(2)]
+        g0, g1 = torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts])
+        gc = torch.cat([p["cond"] for p in parts])
+        for part in parts:  # its own rows, in order, and labels that follow their targets
+            assert torch.equal(part["p0"], part["x0"]) and torch.equal(part["c0"], part["x0"])
+            assert torch.equal(part["cc"], part["cond"])
+        cost = torch.cdist(g0.double(), g1.double()).square().numpy()
+        tgt = [int((g1 == row).all(1).nonzero()) for row in torch.cat([p["p1"] for p in parts])]
+        assert sorted(tgt) == list(range(total))
+        _, best = linear_sum_assignment(cost)
+        assert abs(cost[range(total), tgt].sum() - cost[range(total), best].sum()) < 1e-9
+        tgt = [int((g1 == row).all(1).nonzero()) for row in torch.cat([p["c1"] for p in parts])]
+        assert sorted(tgt) == list(range(total)) and torch.equal(gc[tgt], gc)  # within classes
 
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")

@@ -31,12 +31,6 @@ def _train(launch, *overrides):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """``fm-train experiment=digits``: class-conditional 1x8x8, val_fraction=0.1."""
-    return _train(tmp_path_factory.mktemp("digits"), "experiment=digits", "model.net.model_channels=16")
-
-
-@pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
     """``fm-train experiment=mnist``: unconditional 1x28x28, launched from the folder that holds
     ``data/MNIST`` (the default ``data.root``, relative: ``${paths.root_dir}/data``)."""

@@ -8,24 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import IMAGE_TINY as TINY
 from conftest import compose_config, run_cli
 from fm_lightning.module import load_checkpoint
 from fm_lightning.sample import main as fm_sample
 from fm_lightning.train import run
 from image_helpers import trust_cifar10_files, write_cifar10, write_mnist
-
-TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "model.lr_scheduler.warmup_steps=5",
-        "callbacks.samples.num_samples=20", "callbacks.samples.steps=5", "callbacks.samples.num_trajectories=3",
-        "logger=csv"]
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """``fm-train experiment=digits`` as a user runs it, shrunk to 20 steps."""
-    run_dir = tmp_path_factory.mktemp("digits") / "run"
-    proc = run_cli("fm-train", "experiment=digits", *TINY, "model.net.model_channels=16", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
 
 
 def test_digits_experiment_leaves_checkpoint_grids_and_metrics(digits_run):
