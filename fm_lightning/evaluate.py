@@ -476,7 +476,11 @@ def _from_launch_dir(data: dict, hydra_yaml: Path) -> dict:
         path_like = key == "root" or (key == "target" and str(value).lower().endswith((".npy", ".npz", ".csv")))
         return path_like and isinstance(value, str) and not os.path.isabs(value)
 
-    return {k: os.path.join(cwd, v) if is_relative_path(k, v) else v for k, v in data.items()}
+    def from_launch_dir(key: str, value: Any) -> Any:
+        joined = os.path.join(cwd, value) if is_relative_path(key, value) else None
+        return joined if joined and os.path.exists(joined) else value  # a moved project: as given
+
+    return {k: from_launch_dir(k, v) for k, v in data.items()}
 
 
 def _run_config(ckpt: Path, data_config: str | None) -> Any:
@@ -727,6 +731,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (conditional image models)")
     p.add_argument("--fid-weights", default=None, help="local Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--fid-reference", default=None, help=".npz of FID reference statistics (read, or written if new)")
+    p.add_argument("--num-reference", type=int, default=None,
+                   help="FID reference statistics from the first n training images (default: all of them)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--wandb-project", default=None, help="also log metrics and the sweep table to this W&B project")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -740,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
         for name, value, least in (("--num-samples", args.num_samples, 2), ("--num-likelihood", args.num_likelihood, 1),
-                                   ("--batch-size", args.batch_size, 1)):
+                                   ("--batch-size", args.batch_size, 1), ("--num-reference", args.num_reference, 2)):
             if value is not None and value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
         kwargs: dict[str, Any] = {"num_likelihood": args.num_likelihood, "seed": args.seed, "solver": args.solver,
@@ -748,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "likelihood_tol": args.likelihood_tol, "sweep": args.sweep,
                                   "batch_size": args.batch_size, "guidance": args.guidance,
                                   "fid_weights": args.fid_weights, "fid_reference": args.fid_reference,
+                                  "num_reference": args.num_reference,
                                   "progress": not args.no_progress}
         if args.num_samples is not None:
             kwargs["num_samples"] = args.num_samples

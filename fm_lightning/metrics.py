@@ -215,6 +215,7 @@ class FID:
             if num_images is not None and "n" in z.files and int(z["n"]) != num_images:
                 raise ValueError(
                     f"FID reference file {path!r} holds the statistics of {int(z['n'])} images, not of the "
-                    f"{num_images} asked for (num_reference); delete it to recompute, or point reference at another file"
+                    f"{num_images} asked for; ask for {int(z['n'])} (fm-train: callbacks.fid.num_reference, fm-eval: "
+                    "--num-reference), delete it to recompute, or point reference at another file"
                 )
             self.set_reference(z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else 50_000, rank)

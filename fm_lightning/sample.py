@@ -64,16 +64,20 @@ def _labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | str |
     return torch.full((n,), k)
 
 
+#: Extensions that name another file type: refused for --out / --grid rather than appended to.
+_FILE_TYPES = (".npz", ".npy", ".png", ".jpg", ".jpeg", ".pdf", ".svg", ".csv", ".txt", ".json", ".pt", ".ckpt")
+
+
 def _target(path: str, ext: str, flag: str, overwrite: bool) -> str:
     """``path`` (``ext`` added if missing), once it names a file that can be written there;
     ``ValueError`` otherwise, also for an existing file without ``overwrite``."""
     if not os.path.basename(path) or os.path.isdir(path):
         example = os.path.join(path, "samples" + ext)
         raise ValueError(f"{flag} {path!r} names a folder; give a file name, such as {example}")
-    suffix = os.path.splitext(path)[1]
-    if suffix and suffix != ext:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _FILE_TYPES and suffix != ext:
         raise ValueError(f"{flag} {path!r}: fm-sample writes a {ext} file here; give a name ending in {ext}")
-    path = path + ext if not suffix else path
+    path = path if suffix == ext else path + ext
     if os.path.isdir(path):
         raise ValueError(f"{flag}: {path!r} names a folder; give another file name")
     folder = os.path.dirname(os.path.abspath(path))

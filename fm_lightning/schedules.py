@@ -22,6 +22,10 @@ class _Schedule(LambdaLR):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.settings})
+        # the optimizer, restored first, holds the checkpoint's LR; set this schedule's at its step
+        self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 class WarmupConstant(_Schedule):

@@ -41,8 +41,12 @@ def test_resumed_schedule_follows_the_configured_length():
     first = WarmupCosine(_sgd(), warmup_steps=2, total_steps=12, final_lr_ratio=0.0)
     _lrs(first, 12)
     longer = WarmupCosine(_sgd(), warmup_steps=2, total_steps=22, final_lr_ratio=0.0)
+    longer.optimizer.load_state_dict(first.optimizer.state_dict())  # as Lightning restores: optimizer first
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # the old schedule's end
     longer.load_state_dict(first.state_dict())
     assert longer.total_steps == 22 and longer.last_epoch == 12
+    expected = 0.5 * (1 + math.cos(math.pi * 10 / 20))  # step 12 of the longer schedule, at once
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected) == longer.get_last_lr()[0]
     longer.optimizer.step()
     longer.step()
     assert longer.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -72,6 +73,14 @@ def test_image_data_are_found_from_the_directory_fm_train_was_launched_from(mnis
     assert evaluate.main([_ckpt(mnist_run), *BPD, "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert f"root='{tmp_path / 'elsewhere'}/data'" in err and "fm-eval: pass --data-config" in err
+    # A project moved since training (its launch directory is gone): paths are read as given, here.
+    monkeypatch.delenv("FM_ROOT")
+    moved = tmp_path / "moved"
+    shutil.copytree(mnist_run.parent, moved)
+    hydra_yaml = moved / "run" / ".hydra" / "hydra.yaml"
+    hydra_yaml.write_text(hydra_yaml.read_text().replace(str(mnist_run.parent), str(tmp_path / "gone")))
+    monkeypatch.chdir(moved)
+    assert evaluate.main([str(moved / "run/checkpoints/last.ckpt"), *BPD, "--out", str(tmp_path / "c")]) == 0
 
 
 def test_options_that_do_not_apply_to_an_image_checkpoint_are_refused(digits_run, mnist_run, tmp_path, capsys,
@@ -84,7 +93,18 @@ def test_options_that_do_not_apply_to_an_image_checkpoint_are_refused(digits_run
     assert "--target moons applies to 2-D checkpoints only" in capsys.readouterr().err
     assert evaluate.main([_ckpt(digits_run), "--guidance", "2", *BPD, *out]) == 2  # bits/dim take no guidance
     assert "guidance=2 applies to generated images" in capsys.readouterr().err
+    assert evaluate.main([_ckpt(mnist_run), "--num-reference", "1", *BPD, *out]) == 2
+    assert "--num-reference must be >= 2" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+    seen = {}
+
+    def evaluate_checkpoint(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", evaluate_checkpoint)
+    assert evaluate.main([_ckpt(mnist_run), "--metrics", "fid", "--num-reference", "100", *out]) == 2
+    assert seen["num_reference"] == 100
     datamodule = ImageDataModule("mnist", root=str(mnist_run.parent / "data"), val_split="test")
     with pytest.raises(ValueError, match="guidance=5 needs a class-conditional model"):
         evaluate.evaluate_images(load_checkpoint(_ckpt(mnist_run)), datamodule, metrics=["fid"], num_samples=4,

@@ -57,6 +57,9 @@ def test_fm_sample_options_on_an_image_checkpoint(digits_run, tmp_path, capsys):
         assert fm_sample([ckpt, "--class", "3", *extra, flag, str(tmp_path / name), *common]) == 2
         assert f"{flag} {str(tmp_path / name)!r}: fm-sample writes a {ext} file here" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.npy*")) and not list(tmp_path.glob("g.jpg*"))
+    for name in ("out.v2", "samples_g1.5"):  # dots that are not file types: the extension is appended
+        assert fm_sample([ckpt, "--class", "3", "--out", str(tmp_path / name), *common]) == 0
+        assert (tmp_path / f"{name}.npz").is_file() and (tmp_path / f"{name}.png").is_file()
     assert fm_sample([ckpt, "--class", "12", "--out", str(tmp_path / "x.npz"), *common]) == 2
     assert "--class must be a label 0..9" in capsys.readouterr().err
     assert fm_sample([ckpt, "--class", "all", "--batch-size", "0", "--out", str(tmp_path / "x.npz")]) == 2

@@ -89,7 +89,7 @@ def test_reference_files_of_another_size_or_unreadable_are_refused_in_one_line(t
     fid.update(_images(50, 0), real=True)
     path = str(tmp_path / "ref.npz")
     fid.save_reference(path, "digits-train-1x8x8")
-    with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for .num_reference.; delete"):
+    with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for; ask for 50 .fm-train: callbacks.fid.num_reference, fm-eval: --num-reference., delete"):
         FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=1797)
     FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=50)
     (tmp_path / "empty.npz").write_bytes(b"")
