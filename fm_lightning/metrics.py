@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -194,8 +195,6 @@ class FID:
         """Read statistics written by :meth:`save_reference` (or any ``.npz`` with ``mu`` and
         ``sigma``, such as pytorch-fid's); refuse ones made with another extractor, other data or
         (``num_images``) another number of images."""
-        import zipfile
-
         try:
             z = np.load(path, allow_pickle=False)
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:

@@ -126,19 +126,12 @@ class ExactOTCoupling(Coupling):
         self.global_batch = bool(global_batch)
 
     def pair_indices(self, x0, x1, generator):
+        ar = torch.arange(x0.shape[0], device=x0.device)
         if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
             # The loss will be non-finite too; the training loop's guard decides what happens.
             log.warning("ExactOTCoupling got non-finite samples; keeping this batch's pairs as given")
-        return _exact_ot_indices(x0, x1)
-
-
-def _exact_ot_indices(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-    """Index tensors ``(i, j)`` (B,) of the exact OT pairs; the pairs as given if a sample is
-    non-finite."""
-    ar = torch.arange(x0.shape[0], device=x0.device)
-    if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
-        return ar, ar
-    return ar, torch.as_tensor(optimal_assignment(squared_cost(x0, x1).cpu().numpy()), device=x1.device)
+            return ar, ar
+        return ar, torch.as_tensor(optimal_assignment(squared_cost(x0, x1).cpu().numpy()), device=x1.device)
 
 
 #: Epsilon-scaling in :func:`_entropic_plan`: each stage multiplies the regularisation by
@@ -297,7 +290,7 @@ class SinkhornOTCoupling(Coupling):
                     "using exact OT pairs, the reg -> 0 limit (warned once per coupling).",
                     self.reg,
                 )
-            return _exact_ot_indices(x0, x1)
+            return ExactOTCoupling().pair_indices(x0, x1, generator)
         probs = torch.as_tensor(pi.reshape(-1) / pi.sum(), dtype=torch.float64)
         flat = torch.multinomial(probs, n, replacement=True, generator=generator)
         i, j = flat // pi.shape[1], flat % pi.shape[1]

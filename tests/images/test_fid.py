@@ -59,11 +59,17 @@ def test_reference_statistics_round_trip_through_a_file(tmp_path):
     assert fid.compute() == pytest.approx(fresh.compute(), rel=1e-6)
 
 
-def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path):
+def _saved_reference(tmp_path) -> str:
+    """A reference file of 50 random 8x8 images, made for digits."""
     fid = FID(TinyExtractor())
     fid.update(_images(50, 0), real=True)
     path = str(tmp_path / "ref.npz")
     fid.save_reference(path, "digits-train-1x8x8")
+    return path
+
+
+def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path):
+    path = _saved_reference(tmp_path)
     with pytest.raises(ValueError, match="made for source 'digits-train-1x8x8', not 'mnist-train-1x28x28'"):
         FID(TinyExtractor()).load_reference(path, "mnist-train-1x28x28")
 
@@ -85,10 +91,7 @@ def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path)
 
 
 def test_reference_files_of_another_size_or_unreadable_are_refused_in_one_line(tmp_path):
-    fid = FID(TinyExtractor())
-    fid.update(_images(50, 0), real=True)
-    path = str(tmp_path / "ref.npz")
-    fid.save_reference(path, "digits-train-1x8x8")
+    path = _saved_reference(tmp_path)
     with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for; ask for 50 .fm-train: callbacks.fid.num_reference, fm-eval: --num-reference., delete"):
         FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=1797)
     FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=50)
