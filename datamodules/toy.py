@@ -9,9 +9,11 @@ file), or a path ending in ``.npy``, ``.npz`` or ``.csv``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import shlex
 import warnings
 from typing import Any, Iterator
 
@@ -23,12 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fm_lightning.distributed import per_device_batch_size
 from fm_lightning.flow.couplings import IndependentCoupling
-from fm_lightning.reflow import source_record
 
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
-    "ToyDataModule", "load_pairs",
+    "ToyDataModule", "load_pairs", "distribution_record", "as_override",
 ]
 
 
@@ -38,6 +39,21 @@ def _rand(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
 
 def _randn(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
     return torch.randn(n, *shape, generator=generator)
+
+
+def _check(dist: Distribution, param: str, ok: bool, valid: str) -> None:
+    """Refuse a constructor argument of ``dist`` outside its documented range, naming both."""
+    if not ok:
+        name = next((n for n, cls in DISTRIBUTIONS.items() if cls is type(dist)), type(dist).__name__)
+        raise ValueError(f"distribution {name!r}: {param} must be {valid}, got {getattr(dist, param)}")
+
+
+def _positive(x: float) -> bool:
+    return 0 < x < math.inf
+
+
+def _non_negative(x: float) -> bool:
+    return 0 <= x < math.inf
 
 
 class Distribution:
@@ -59,13 +75,15 @@ class Gaussian(Distribution):
     """Isotropic Gaussian ``N(0, std^2 I)``.
 
     Args:
-        dim: dimension, or a shape list such as ``[3, 32, 32]`` for image noise.
-        std: standard deviation.
+        dim: dimension (>= 1), or a shape list such as ``[3, 32, 32]`` for image noise.
+        std: standard deviation, > 0.
     """
 
     def __init__(self, dim: int | list[int] = 2, std: float = 1.0) -> None:
         self.dim = dim if isinstance(dim, int) else [int(d) for d in dim]
         self.std = float(std)
+        _check(self, "dim", min(self.shape, default=0) >= 1, "a whole number >= 1 (or a list of them)")
+        _check(self, "std", _positive(self.std), "> 0 and finite")
         self.is_standard_gaussian = self.std == 1.0
 
     @property
@@ -86,12 +104,14 @@ class EightGaussians(Distribution):
     """Eight Gaussians evenly spaced on a circle.
 
     Args:
-        radius: radius of the circle of centres.
-        std: standard deviation of each component.
+        radius: radius of the circle of centres, > 0.
+        std: standard deviation of each component, >= 0.
     """
 
     def __init__(self, radius: float = 5.0, std: float = 0.5) -> None:
         self.radius, self.std = float(radius), float(std)
+        _check(self, "radius", _positive(self.radius), "> 0 and finite")
+        _check(self, "std", _non_negative(self.std), ">= 0 and finite")
         angles = torch.arange(8) * (2 * math.pi / 8)
         self._centers = self.radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
 
@@ -104,13 +124,16 @@ class Moons(Distribution):
     """Two interleaving half circles (scikit-learn's ``make_moons``), then ``scale*x + shift``.
 
     Args:
-        noise: std of the Gaussian noise added before scaling.
-        scale: multiplier applied to the points.
-        shift: offset added after scaling.
+        noise: std of the Gaussian noise added before scaling, >= 0.
+        scale: multiplier applied to the points, > 0.
+        shift: offset added after scaling (finite).
     """
 
     def __init__(self, noise: float = 0.2, scale: float = 3.0, shift: float = -1.0) -> None:
         self.noise, self.scale, self.shift = float(noise), float(scale), float(shift)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
+        _check(self, "shift", math.isfinite(self.shift), "finite")
 
     def sample(self, n, generator=None):
         theta = math.pi * _rand(n, generator)
@@ -125,12 +148,14 @@ class SCurve(Distribution):
     """The 2-D projection ``(x, z)`` of scikit-learn's S-curve, times ``scale``.
 
     Args:
-        noise: std of the Gaussian noise added before scaling.
-        scale: multiplier applied to the points.
+        noise: std of the Gaussian noise added before scaling, >= 0.
+        scale: multiplier applied to the points, > 0.
     """
 
     def __init__(self, noise: float = 0.1, scale: float = 2.0) -> None:
         self.noise, self.scale = float(noise), float(scale)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         t = 3 * math.pi * (_rand(n, generator) - 0.5)
@@ -142,13 +167,16 @@ class Circles(Distribution):
     """Two concentric circles of radii ``scale`` and ``factor*scale``.
 
     Args:
-        noise: std of the Gaussian noise added before scaling.
+        noise: std of the Gaussian noise added before scaling, >= 0.
         factor: ratio of the inner to the outer radius, in (0, 1).
-        scale: outer radius.
+        scale: outer radius, > 0.
     """
 
     def __init__(self, noise: float = 0.05, factor: float = 0.5, scale: float = 3.0) -> None:
         self.noise, self.factor, self.scale = float(noise), float(factor), float(scale)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "factor", 0 < self.factor < 1, "in (0, 1)")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         theta = 2 * math.pi * _rand(n, generator)
@@ -161,11 +189,12 @@ class Checkerboard(Distribution):
     """Uniform on the dark squares of a ``4x4`` checkerboard spanning ``[-2, 2]^2``, times ``scale``.
 
     Args:
-        scale: multiplier applied to the points.
+        scale: multiplier applied to the points, > 0.
     """
 
     def __init__(self, scale: float = 2.0) -> None:
         self.scale = float(scale)
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         x1 = 4 * _rand(n, generator) - 2
@@ -178,12 +207,14 @@ class SwissRoll(Distribution):
     """The 2-D Swiss roll ``t*(cos t, sin t)`` for ``t ~ 1.5*pi*(1 + 2u)``, normalised to radius ~``scale``.
 
     Args:
-        noise: std of the Gaussian noise (in the unscaled roll, whose radius is ~14).
-        scale: outer radius after normalisation.
+        noise: std of the Gaussian noise (in the unscaled roll, whose radius is ~14), >= 0.
+        scale: outer radius after normalisation, > 0.
     """
 
     def __init__(self, noise: float = 1.0, scale: float = 4.0) -> None:
         self.noise, self.scale = float(noise), float(scale)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         t = 1.5 * math.pi * (1 + 2 * _rand(n, generator))
@@ -195,19 +226,24 @@ class Pinwheel(Distribution):
     """Pinwheel: ``num_arms`` Gaussian blobs sheared into spiral arms.
 
     Args:
-        num_arms: number of arms.
-        radial_std: std along each arm.
-        tangential_std: std across each arm.
-        rate: how strongly the arms curl.
-        scale: multiplier applied to the points.
+        num_arms: number of arms, a whole number >= 1.
+        radial_std: std along each arm, >= 0.
+        tangential_std: std across each arm, >= 0.
+        rate: how strongly the arms curl (finite).
+        scale: multiplier applied to the points, > 0.
     """
 
     def __init__(
         self, num_arms: int = 5, radial_std: float = 0.3, tangential_std: float = 0.1, rate: float = 0.25,
         scale: float = 3.0,
     ) -> None:
-        self.num_arms, self.radial_std, self.tangential_std = int(num_arms), float(radial_std), float(tangential_std)
+        self.num_arms, self.radial_std, self.tangential_std = num_arms, float(radial_std), float(tangential_std)
         self.rate, self.scale = float(rate), float(scale)
+        _check(self, "num_arms", isinstance(num_arms, int) and num_arms >= 1, "a whole number >= 1")
+        _check(self, "radial_std", _non_negative(self.radial_std), ">= 0 and finite")
+        _check(self, "tangential_std", _non_negative(self.tangential_std), ">= 0 and finite")
+        _check(self, "rate", math.isfinite(self.rate), "finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         labels = torch.randint(0, self.num_arms, (n,), generator=generator)
@@ -224,12 +260,14 @@ class TwoSpirals(Distribution):
     """Two interleaved spirals (FFJORD's ``2spirals``), times ``scale``.
 
     Args:
-        noise: std of the Gaussian noise (before scaling; the spirals span ~[-4, 4]).
-        scale: multiplier applied to the points.
+        noise: std of the Gaussian noise (before scaling; the spirals span ~[-4, 4]), >= 0.
+        scale: multiplier applied to the points, > 0.
     """
 
     def __init__(self, noise: float = 0.1, scale: float = 1.0) -> None:
         self.noise, self.scale = float(noise), float(scale)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         r = torch.sqrt(_rand(n, generator)) * 540 * (2 * math.pi / 360)
@@ -242,12 +280,14 @@ class Rings(Distribution):
     """Four concentric rings of radii ``scale*(1, 2, 3, 4)/4``, uniform in angle.
 
     Args:
-        noise: std of the Gaussian noise added after scaling.
-        scale: radius of the outer ring.
+        noise: std of the Gaussian noise added after scaling, >= 0.
+        scale: radius of the outer ring, > 0.
     """
 
     def __init__(self, noise: float = 0.08, scale: float = 4.0) -> None:
         self.noise, self.scale = float(noise), float(scale)
+        _check(self, "noise", _non_negative(self.noise), ">= 0 and finite")
+        _check(self, "scale", _positive(self.scale), "> 0 and finite")
 
     def sample(self, n, generator=None):
         ring = torch.randint(1, 5, (n,), generator=generator).float()
@@ -262,7 +302,7 @@ class Points(Distribution):
     Args:
         file: ``.npy`` (array (N, d)), ``.npz`` (key ``points``, ``samples``, or its only array)
             or ``.csv`` (N rows of d numbers; a non-numeric header row, ``#`` comments and
-            blank lines are skipped).
+            blank lines are skipped). Its contents must be the format its extension names.
     """
 
     def __init__(self, file: str) -> None:
@@ -280,6 +320,12 @@ def load_points(file: str) -> Tensor:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"points file {file!r} does not exist; give an existing .npy, .npz or .csv file")
     ext = os.path.splitext(file)[1].lower()
+    held = _contents(file)
+    if ext in _EXPECTED and held not in _EXPECTED[ext]:
+        fix = (f"rename it to end in {held}" if held in (".npy", ".npz") else
+               "rename it to end in .csv if it holds comma-separated numbers" if held == "text" else
+               "give a .npy (numpy.save), .npz (numpy.savez) or .csv file")
+        raise ValueError(f"points file {file!r} is not a valid {ext} file: it holds {_HOLDS[held]}; {fix}")
     try:
         if ext == ".npy":
             arr = np.load(file, allow_pickle=False)
@@ -304,6 +350,24 @@ def load_points(file: str) -> Tensor:
         raise ValueError(f"points file {file!r} contains non-finite values (NaN/inf, or beyond float32 range "
                          "|x| > 3.4e38); clean it first")
     return points
+
+
+#: What a file of each extension may hold, by :func:`_contents` (an empty .csv: no points, said later).
+_EXPECTED = {".npy": (".npy",), ".npz": (".npz",), ".csv": ("text", "empty")}
+_HOLDS = {".npy": "a single .npy array", ".npz": "an .npz archive", "text": "text", "empty": "nothing (it is empty)",
+          "binary": "binary data that is not numpy's"}
+
+
+def _contents(file: str) -> str:
+    """What ``file`` holds, judged from its first bytes (numpy picks the format from them, not from
+    the name): ``.npy``, ``.npz``, ``text``, ``empty`` or ``binary``."""
+    with open(file, "rb") as f:
+        head = f.read(1024)
+    if head.startswith(b"\x93NUMPY"):
+        return ".npy"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return ".npz"
+    return "empty" if not head else "binary" if b"\0" in head else "text"
 
 
 def _is_number(text: str) -> bool:
@@ -359,7 +423,10 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         return spec
     if isinstance(spec, dict) or type(spec).__name__ == "DictConfig":
         spec = dict(spec)
-        return make_distribution(spec.pop("name"), dim=dim, **spec, **kwargs)
+        if "name" not in spec:
+            raise ValueError(f"distribution {spec} has no name; add name: one of {sorted(DISTRIBUTIONS)}, "
+                             "e.g. {name: circles, factor: 0.3}")
+        return make_distribution(spec.pop("name"), dim=spec.pop("dim", dim), **spec, **kwargs)
     name = str(spec)
     if name.lower().endswith((".npy", ".npz", ".csv")):
         name, kwargs = "points", {"file": name, **kwargs}
@@ -377,30 +444,61 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         raise TypeError(f"bad arguments for distribution {name!r}: {err}") from err
 
 
-# The pair stream is generated in the main process, where its __len__ is exact.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+def distribution_record(dist: Distribution) -> str:
+    """``dist`` as a JSON spec, as reflow stores its source and target with the pairs so that
+    training on them can check ``data.source`` and ``data.target`` (:func:`load_pairs`)."""
+    from fm_lightning.spec import to_spec
+
+    return json.dumps(to_spec(dist), sort_keys=True)
 
 
-def load_pairs(file: str, dim: int, source: Distribution | None = None) -> tuple[Tensor, Tensor]:
+def as_override(role: str, record: str) -> str:
+    """The shell argument ``data.<role>=<value>`` that builds a recorded distribution: its name
+    with the arguments that differ from the defaults (``'data.target={name:moons,noise:0.1}'``),
+    or its points file."""
+    spec = json.loads(record)
+    args = spec.get("init_args") or {}
+    name = next((n for n, cls in DISTRIBUTIONS.items() if spec["class_path"] == f"{cls.__module__}.{cls.__name__}"),
+                None)
+    if name is None:
+        value = record
+    elif name == "points":
+        value = args["file"]
+    else:
+        params = inspect.signature(DISTRIBUTIONS[name]).parameters
+        changed = [f"{k}:{json.dumps(v, separators=(',', ':'))}" for k, v in args.items() if params[k].default != v]
+        value = "{" + ",".join([f"name:{name}", *changed]) + "}" if changed else name
+    return shlex.quote(f"data.{role}={value}")
+
+
+def load_pairs(file: str, dim: int, source: Distribution | None = None,
+               target: Distribution | None = None) -> tuple[Tensor, Tensor]:
     """Read fixed ``(x0, x1)`` pairs (e.g. written by reflow) from an ``.npz`` with arrays ``x0``
-    and ``x1`` of shape (N, dim); one clear error for a missing file, missing arrays, shapes that
-    differ or do not match the model's ``dim``, non-finite values, or (when the file records the
-    source its ``x0`` came from, as reflow's do) a ``source`` other than that one."""
+    and ``x1`` of shape (N, dim); one clear error for a missing file, a file that is no ``.npz``,
+    missing arrays, shapes that differ or do not match the model's ``dim``, non-finite values, or
+    (when the file records the source and target of its pairs, as reflow's do) a ``source`` or
+    ``target`` other than those."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
+    held = _contents(file)
+    if held != ".npz":
+        raise ValueError(f"pairs file {file!r} is not a valid .npz file: it holds {_HOLDS[held]}; give an .npz with "
+                         "arrays x0 and x1, as python -m fm_lightning.reflow writes")
     try:
         with np.load(file, allow_pickle=False) as z:
             if "x0" not in z.files or "x1" not in z.files:
                 raise ValueError(f"pairs file {file!r} must hold arrays 'x0' and 'x1', has {z.files}")
             x0, x1 = z["x0"], z["x1"]
-            recorded = str(z["source"]) if "source" in z.files else None
+            recorded = {role: str(z[role]) for role in ("source", "target") if role in z.files}
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read pairs file {file!r}: {err}") from err
-    if source is not None and recorded is not None:
-        if source_record(source) != recorded:
+    why = {"source": "so that sampling draws x0 as training saw it",
+           "target": "so that val/w2 and the checkpoint's target are the data the pairs end at"}
+    for role, dist in (("source", source), ("target", target)):
+        if dist is not None and role in recorded and distribution_record(dist) != recorded[role]:
             raise ValueError(
-                f"the pairs in {file!r} start from source {json.loads(recorded)} but data.source is {source}; "
-                "set data.source to the pairs' source, so that sampling draws x0 as training saw it"
+                f"the pairs in {file!r} were drawn for {as_override(role, recorded[role])} but data.{role} is "
+                f"{dist}; set {as_override(role, recorded[role])}, {why[role]}"
             )
     if x0.shape != x1.shape or x0.ndim != 2 or x0.shape[0] < 2:
         raise ValueError(
@@ -516,7 +614,7 @@ class ToyDataModule(L.LightningDataModule):
             such as reflow writes: training and validation batches draw whole pairs from it
             instead of independent source and target samples (train it with the independent
             coupling, ``flow=icfm``). ``source`` stays the model's source and ``target`` the
-            reference of ``val/w2``.
+            reference of ``val/w2``; both must be the ones the file records, if it does.
         num_workers: loader worker processes. Workers draw the batches *and their regression
             problem* (minibatch OT pairing, ``t``, noise, ``x_t`` and ``u_t``) while the main
             process trains, so none of it costs training time as long as a core is free. 0 does
@@ -561,7 +659,7 @@ class ToyDataModule(L.LightningDataModule):
         self.dim = self.source.dim
         self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
         self.pairs = None if pairs is None else str(pairs)
-        fixed = None if pairs is None else load_pairs(self.pairs, self.dim, self.source)
+        fixed = None if pairs is None else load_pairs(self.pairs, self.dim, self.source, self.target)
         self._train = _PairStream(self.source, self.target, batch_size, steps_per_epoch, seed, fixed)
         gen = torch.Generator().manual_seed(seed + 12345)
         if fixed is None:

@@ -5,6 +5,7 @@
   weights whatever the callback order.
 - :class:`SampleCallback`: 2-D scatter/trajectory plots and W2, or image grids and x_t strips.
 - :class:`FIDCallback`: FID of generated images against cached reference statistics.
+- :class:`FinalValidation`: validation after the last training step, also off ``val_check_interval``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .flow.solve import Solver, check_solver
 from .metrics import FID, wasserstein2
 from .progress import num_examples, track
 
-__all__ = ["SampleCallback", "FIDCallback", "EMA", "model_weights", "save_image_grid", "log_image"]
+__all__ = ["SampleCallback", "FIDCallback", "EMA", "FinalValidation", "model_weights", "save_image_grid", "log_image"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,20 @@ class EMA(EMAWeightAveraging):
             self._swap_models(pl_module)
 
 
+class FinalValidation(L.Callback):
+    """Validates after the last training step (``max_steps``, or the last batch of ``max_epochs``)
+    when it is not on ``val_check_interval``, so that a run always ends with its validation
+    metrics (a 300-step run validating every 1000 steps had no ``val/loss``). It asks Lightning to
+    stop there (``trainer.should_stop``), and Lightning validates before a requested stop."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        epochs = trainer.max_epochs
+        last_batch = (epochs is not None and 0 <= epochs <= trainer.current_epoch + 1
+                      and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if 0 <= trainer.max_steps <= trainer.global_step or last_batch:
+            trainer.should_stop = True
+
+
 _warned_weight_averaging = False
 
 
@@ -269,6 +284,9 @@ class SampleCallback(L.Callback):
         dirpath: folder of the plots (``fm-train``: the run directory). Default, as Lightning's
             ``ModelCheckpoint``: the logger's version folder (``trainer.log_dir``), so that runs
             sharing a ``default_root_dir`` keep their own plots.
+
+    Attributes:
+        metric_keys: the keys of the metrics it logs (known after ``setup``).
     """
 
     def __init__(
@@ -302,6 +320,7 @@ class SampleCallback(L.Callback):
         self._validations = 0
         self._last_step = -1
         self.last_metrics: dict[str, float] = {}
+        self.metric_keys: set[str] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         # bad solver settings fail here, before training, not at the first validation
@@ -309,6 +328,10 @@ class SampleCallback(L.Callback):
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         self._cond = _fixed_labels(pl_module, self.num_samples)
         _check_guidance(pl_module, self.guidance, "callbacks.samples")
+        target = self._x0.dim() != 4 and getattr(trainer.datamodule, "target", None) is not None
+        straight = target and self.straightness and self._cond is None and self._x0.dim() == 2
+        self.metric_keys = {"val/nfe"} | ({"val/w2"} if target else set()) | (
+            {"val/path_energy", "val/npe"} if straight else set())
         # trainer.log_dir is collective (a broadcast): read it here, on every rank.
         self._dir = self.dirpath or trainer.log_dir or trainer.default_root_dir
 
@@ -417,7 +440,7 @@ class SampleCallback(L.Callback):
             gen = torch.Generator().manual_seed(self.seed + 1 + trainer.global_step)
             target = target_dist.sample(self.num_samples, gen)
             metrics["val/w2"] = wasserstein2(samples, target)
-            if self.straightness and self._cond is None and samples.dim() == 2:
+            if "val/npe" in self.metric_keys:
                 metrics.update(self._straightness(pl_module, target))
         self.last_metrics = metrics
         if trainer.is_global_zero and samples.dim() == 2:
@@ -461,6 +484,9 @@ class FIDCallback(L.Callback):
         use_ema: sample with the EMA weights when there are any.
         progress: show progress bars for the reference statistics and the samples (rank zero,
             interactive consoles, and only when the trainer has a progress bar).
+
+    Attributes:
+        metric_keys: the keys of the metrics it logs.
     """
 
     def __init__(
@@ -496,6 +522,7 @@ class FIDCallback(L.Callback):
         self._validations = 0
         self._last_step = -1
         self.last_metrics: dict[str, float] = {}
+        self.metric_keys = {key, f"{key}_nfe"}
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         if self.fid is not None:

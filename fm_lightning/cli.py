@@ -5,7 +5,8 @@ path (``--data datamodules.toy.ToyDataModule`` or ``datamodules.images.ImageData
 What data and model share is stated once, on the data, and linked with ``link_arguments``
 when the datamodule is built: the net's ``dim`` (MLP) or ``in_channels``/``image_size`` (UNet),
 its ``num_classes``, and the module's ``source`` (the datamodule's source, or N(0, I) of the
-image shape). A link whose target the chosen net does not take is ignored.
+image shape). A link whose target the chosen net does not take is ignored; a value given for a
+linked key that differs from the data's is refused.
 
 Every run writes into a new folder: the first logger's version folder (TensorBoard, the
 default, or CSV), else a new ``<default_root_dir>/lightning_logs/version_N``. ``--ckpt_path``
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
@@ -93,6 +95,15 @@ class _SampleWriter(BasePredictionWriter):
         self._samples, self._labels = [], []
 
 
+_LINKS = {  # target: (its value from the datamodule, the data's argument that sets it)
+    "model.net.init_args.dim": (lambda dm: getattr(dm, "dim", None), "dim"),
+    "model.net.init_args.in_channels": (lambda dm: dm.shape[0] if hasattr(dm, "shape") else None, "channels"),
+    "model.net.init_args.image_size": (lambda dm: dm.shape[-1] if hasattr(dm, "shape") else None, "image_size"),
+    "model.net.init_args.num_classes": (lambda dm: getattr(dm, "num_classes", 0), "num_classes"),
+    "model.source": (_source_of, "source"),
+}
+
+
 class FlowMatchingCLI(LightningCLI):
     """LightningCLI with the data-model links, run folders and checkpoint checks described in the
     module docstring."""
@@ -107,6 +118,9 @@ class FlowMatchingCLI(LightningCLI):
         ``checkpoints/last.ckpt`` under ``<default_root_dir>/lightning_logs`` (a run's own folder is new)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
+        given = parse(args, defaults=False)  # only what config files and flags set
+        self._given = given[subcommand] if subcommand else given
         config = self.config[subcommand] if subcommand else {}
         path = config.get("ckpt_path")
         if path == "last":
@@ -165,15 +179,20 @@ class FlowMatchingCLI(LightningCLI):
                 "the data one (e.g. --data.init_args.val_fraction=0.1) and keep trainer.limit_predict_batches > 0"
             )
 
+    def instantiate_classes(self) -> None:
+        """Instantiate, then refuse a value given for a linked key that is not the data's (the link
+        would silently replace it)."""
+        super().instantiate_classes()
+        for target, (compute, data_key) in _LINKS.items():
+            given = self._given.get(target)
+            if given is not None and given != (linked := compute(self.datamodule)):
+                raise ValueError(
+                    f"{target}={given} differs from {linked}, the value linked from the data; leave it out and "
+                    f"set data.init_args.{data_key} instead"
+                )
+
     def add_arguments_to_parser(self, parser) -> None:
-        links = {
-            "model.net.init_args.dim": lambda dm: getattr(dm, "dim", None),
-            "model.net.init_args.in_channels": lambda dm: dm.shape[0] if hasattr(dm, "shape") else None,
-            "model.net.init_args.image_size": lambda dm: dm.shape[-1] if hasattr(dm, "shape") else None,
-            "model.net.init_args.num_classes": lambda dm: getattr(dm, "num_classes", 0),
-            "model.source": _source_of,
-        }
-        for target, compute in links.items():
+        for target, (compute, _) in _LINKS.items():
             parser.link_arguments("data", target, compute_fn=compute, apply_on="instantiate")
 
 

@@ -16,9 +16,10 @@ Metrics (keys in the JSON):
 
 The target of a 2-D checkpoint is ``--target`` (a distribution name or a points file, as
 ``data.target``), else the one recorded in the checkpoint (``datamodule_hyper_parameters``),
-else ``data.target`` of the run directory's ``.hydra/config.yaml``. Image checkpoints read
-their data from that config (or ``--data-config``); its relative paths are taken from the
-directory ``fm-train`` was launched from (``hydra.runtime.cwd`` in ``.hydra/hydra.yaml``).
+else ``data.target`` of the run directory's ``.hydra/config.yaml``. Its source is the recorded
+one, or ``--source-file`` (as in ``fm-sample``: for a points file that has moved). Image
+checkpoints read their data from that config (or ``--data-config``); its relative paths are taken
+from the directory ``fm-train`` was launched from (``hydra.runtime.cwd`` in ``.hydra/hydra.yaml``).
 
 The NFE sweep (:func:`sweep_grid`): euler with 1, 2, 4, 8, 16, 32, 64 and 100 steps; midpoint
 and rk4 at the same NFE (2 and 4 evaluations per step); dopri5 at atol=rtol in {1e-3, 1e-4, 1e-5}.
@@ -41,9 +42,10 @@ import torch
 from torch import Tensor
 
 from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalized_path_energy, path_energy
-from .flow.solve import SOLVERS
+from .flow.solve import SOLVERS, check_solver
 from .metrics import rbf_mmd2, wasserstein2
 from .progress import num_examples, track
+from .sample import SOURCE_FILE_HELP, load_model
 
 __all__ = [
     "POINT_METRICS", "IMAGE_METRICS", "SweepSetting", "sweep_grid", "nfe_sweep", "write_sweep",
@@ -515,7 +517,10 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
 
     dim = int(model.source.sample(1).shape[1])
     if target is not None:
-        return make_distribution(target, dim=dim)
+        try:
+            return make_distribution(target, dim=dim)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"--target: {err}") from None
     recorded = (ckpt_dict.get("datamodule_hyper_parameters") or {}).get("target")
     if recorded is not None:
         try:
@@ -568,6 +573,7 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike | None = None,
     metrics: Sequence[str] | None = None,
     target: str | None = None,
+    source_file: str | None = None,
     data_config: str | None = None,
     ema: bool = True,
     device: str = "cpu",
@@ -582,6 +588,8 @@ def evaluate_checkpoint(
         out_dir: output folder (default: ``<run>/eval`` beside ``<run>/checkpoints``).
         metrics: names from :data:`POINT_METRICS` or :data:`IMAGE_METRICS` (``None``: all that apply).
         target: 2-D target (distribution name or points file); default: the recorded one.
+        source_file: 2-D: points file to draw x0 from instead of the recorded source (which may
+            have moved).
         data_config: a run's ``.hydra/config.yaml`` whose ``data`` node builds the image data.
         ema: use the EMA weights when the checkpoint has them.
         device: torch device.
@@ -593,7 +601,6 @@ def evaluate_checkpoint(
     Returns:
         The report written to ``eval.json``.
     """
-    from .module import load_checkpoint
     from .reliability import read_checkpoint
 
     ckpt = Path(ckpt)
@@ -607,7 +614,7 @@ def evaluate_checkpoint(
         raise ValueError(f"output folder {out} is a file; pass another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} already holds an evaluation; pass another --out, or --overwrite to write over it")
-    model = load_checkpoint(ckpt, map_location=device, ema=ema)
+    model = load_model(ckpt, source_file, map_location=device, ema=ema)
     kind = data_kind(model)
     _check_metrics(metrics, kind)  # a metric of the wrong kind fails before any work
     report: dict[str, Any] = {"checkpoint": str(ckpt), "weights": model.loaded_weights, "kind": kind,
@@ -715,6 +722,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(images); default: all that apply")
     p.add_argument("--target", default=None,
                    help="2-D target: a distribution name or a points file (default: recorded)")
+    p.add_argument("--source-file", default=None, help=f"2-D: {SOURCE_FILE_HELP}")
     p.add_argument("--data-config", default=None,
                    help="images: a run's .hydra/config.yaml (default: the checkpoint's run)")
     p.add_argument("--num-samples", type=int, default=None,
@@ -749,6 +757,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    ("--batch-size", args.batch_size, 1), ("--num-reference", args.num_reference, 2)):
             if value is not None and value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
+        try:
+            check_solver("dopri5", atol=args.likelihood_tol, rtol=args.likelihood_tol)
+        except ValueError as err:
+            raise ValueError(f"--likelihood-tol {args.likelihood_tol:g} (atol = rtol of the likelihood ODE): "
+                             f"{err}") from None
         kwargs: dict[str, Any] = {"num_likelihood": args.num_likelihood, "seed": args.seed, "solver": args.solver,
                                   "steps": args.steps, "atol": args.atol, "rtol": args.rtol,
                                   "likelihood_tol": args.likelihood_tol, "sweep": args.sweep,
@@ -758,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "progress": not args.no_progress}
         if args.num_samples is not None:
             kwargs["num_samples"] = args.num_samples
-        report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, data_config=args.data_config,
+        report = evaluate_checkpoint(args.ckpt, args.out, metrics, target=args.target, source_file=args.source_file,
+                                     data_config=args.data_config,
                                      ema=not args.raw_weights, device=args.device,
                                      wandb_project=args.wandb_project, overwrite=args.overwrite, **kwargs)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:

@@ -26,11 +26,6 @@ skip_nvml_check_without_nvml()  # after `import lightning`, which sets the varia
 _PLAIN_TYPES = (str, type(None), bool, int, float)
 
 
-def _build(obj: Any, partial: bool = False) -> Any:
-    """Accept an object or its ``{"class_path", "init_args"}`` spec (as saved in checkpoints)."""
-    return from_spec(obj, partial=partial) if isinstance(obj, dict) else obj
-
-
 class FlowMatchingModule(L.LightningModule):
     """Trains ``net`` to regress the conditional velocity ``u_t`` of ``flow``'s path.
 
@@ -64,11 +59,11 @@ class FlowMatchingModule(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module | dict,
-        flow: CFMObjective | dict,
+        net: nn.Module,
+        flow: CFMObjective,
         source: Any,
-        optimizer: OptimizerCallable | dict | None = None,
-        lr_scheduler: LRSchedulerCallable | dict | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         val_seed: int = 0,
         solver: Solver = "dopri5",
         steps: int = 100,
@@ -80,17 +75,14 @@ class FlowMatchingModule(L.LightningModule):
         num_time_bins: int = 10,
     ) -> None:
         super().__init__()
-        self.net = _build(net)
-        self.flow = _build(flow)
-        self.source = _build(source)
-        self.optimizer_factory = _build(optimizer, partial=True) or functools.partial(torch.optim.Adam, lr=1e-3)
-        self.lr_scheduler_factory = _build(lr_scheduler, partial=True)
-        for name, built, kind in (("net", self.net, nn.Module), ("flow", self.flow, CFMObjective)):
+        self.net = net
+        self.flow = flow
+        self.source = source
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
+        self.lr_scheduler_factory = lr_scheduler
+        for name, built, kind in (("net", net, nn.Module), ("flow", flow, CFMObjective)):
             if not isinstance(built, kind):
-                raise ValueError(
-                    f"{name} must be a {kind.__name__} (or its class_path/init_args spec), got {built!r}; "
-                    "check the class paths in it"
-                )
+                raise ValueError(f"{name} must be a {kind.__name__}, got {built!r}; check the class paths in it")
         self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
@@ -243,6 +235,18 @@ class FlowMatchingModule(L.LightningModule):
             scheduler.set_total_steps(self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = "cpu",
+                             **kwargs: Any) -> FlowMatchingModule:
+        """Lightning's loader, done by :func:`load_checkpoint` (safe; rebuilds the parts from
+        their specs). Other Lightning arguments (``strict``, ``hparams_file``, overrides) are
+        refused: rebuild by hand from ``load_checkpoint(path).hparams`` instead."""
+        if kwargs:
+            raise TypeError(f"FlowMatchingModule.load_from_checkpoint takes checkpoint_path and map_location only, "
+                            f"not {sorted(kwargs)}; use fm_lightning.module.load_checkpoint(path, map_location, ema, "
+                            "source)")
+        return load_checkpoint(checkpoint_path, map_location)
+
     @torch.no_grad()
     def sample(
         self,
@@ -362,7 +366,9 @@ def load_checkpoint(
     hparams = dict(ckpt["hyper_parameters"])
     if source is not None:
         hparams["source"] = source
-    try:
+    try:  # the constructor takes objects; the checkpoint holds their specs
+        for name in ("net", "flow", "source", "optimizer", "lr_scheduler"):
+            hparams[name] = from_spec(hparams.get(name), partial=name in ("optimizer", "lr_scheduler"))
         model = FlowMatchingModule(**hparams)
     except TypeError as err:
         raise ValueError(f"{os.fspath(path)!r} is not a checkpoint this fm-lightning can rebuild ({err})") from err

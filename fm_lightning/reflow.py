@@ -4,7 +4,8 @@
 Three pieces:
 
 - :func:`generate_pairs` / :func:`save_pairs`: integrate a trained model from source draws, in
-  batches, and save the pairs to an ``.npz`` (arrays ``x0``, ``x1``). From the shell:
+  batches, and save the pairs to an ``.npz`` (arrays ``x0``, ``x1``, and the specs of the source
+  and target they connect, which training on them checks). From the shell:
   ``python -m fm_lightning.reflow CKPT --num-pairs 50000 --out pairs.npz``.
 - the paired data source: ``ToyDataModule(pairs=...)`` (``+data.pairs=pairs.npz``) draws whole
   pairs; trained with the independent coupling and the straight path (``flow=icfm``), the new
@@ -24,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,14 +90,6 @@ def generate_pairs(
         nfes.append(sol.nfe)
         log.info("reflow pairs: %d / %d (NFE %d)", start + len(x0), num_pairs, sol.nfe)
     return torch.cat(x0s), torch.cat(x1s), sum(nfes) / len(nfes)
-
-
-def source_record(source: Any) -> str:
-    """The source distribution as a JSON spec, stored with the pairs so that training on them
-    can check ``data.source`` (:func:`datamodules.toy.load_pairs`)."""
-    from .spec import to_spec
-
-    return json.dumps(to_spec(source), sort_keys=True)
 
 
 def earlier_reflow_error(out: Path) -> str | None:
@@ -213,15 +207,19 @@ class ReflowChain(_HydraCallback):
         """Stage 2 after the stage-1 run in ``run_dir`` (config ``cfg``, as ``fm-train`` got it)."""
         from omegaconf import OmegaConf, open_dict
 
+        from datamodules.toy import distribution_record, make_distribution
+
         from .module import load_checkpoint
         from .train import run
 
         run_dir = Path(run_dir)
         out = run_dir / "reflow"
         stage1 = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        target = make_distribution(cfg.data.target, dim=cfg.data.dim)
         x0, x1, nfe = generate_pairs(stage1, self.num_pairs, self.batch_size, self.solver, self.steps,
                                      self.atol, self.rtol, seed=int(cfg.seed))
-        pairs = save_pairs(out / "pairs.npz", x0, x1, nfe=nfe, source=source_record(stage1.source))
+        pairs = save_pairs(out / "pairs.npz", x0, x1, nfe=nfe, source=distribution_record(stage1.source),
+                           target=distribution_record(target))
         log.info("reflow: %d pairs (NFE %.1f) in %s", len(x0), nfe, pairs)
         cfg2 = copy.deepcopy(cfg)
         with open_dict(cfg2):
@@ -236,9 +234,6 @@ class ReflowChain(_HydraCallback):
         OmegaConf.save(cfg2, out / "stage2_config.yaml")
         run(cfg2)
         stage2 = load_checkpoint(out / "stage2" / "checkpoints" / "last.ckpt")
-        from datamodules.toy import make_distribution
-
-        target = make_distribution(cfg.data.target, dim=cfg.data.dim)
         rows = compare({"1-RF": stage1, "2-RF": stage2}, target, self.eval_samples, seed=int(cfg.seed))
         (out / "reflow.json").write_text(json.dumps(rows, indent=2))
         (out / "reflow.md").write_text(_markdown(rows))
@@ -248,6 +243,8 @@ class ReflowChain(_HydraCallback):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fm_lightning.reflow CKPT --out pairs.npz``: write reflow pairs of a checkpoint."""
+    from .sample import SOURCE_FILE_HELP
+
     p = argparse.ArgumentParser(prog="python -m fm_lightning.reflow", description=main.__doc__)
     p.add_argument("ckpt", help="checkpoint of the trained (stage-1) model")
     p.add_argument("--out", default="pairs.npz", help="output .npz (arrays x0, x1)")
@@ -257,24 +254,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of adaptive solvers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source-file", default=None, help=SOURCE_FILE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    from .module import load_checkpoint
+    from datamodules.toy import as_override, distribution_record
+
+    from .reliability import read_checkpoint
+    from .sample import load_model
 
     try:
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a folder; give a file path, e.g. {os.path.join(args.out, 'pairs.npz')}")
         if os.path.exists(args.out) and not args.overwrite:
             raise ValueError(f"--out {args.out} already exists; choose another file, or pass --overwrite to replace it")
-        model = load_checkpoint(args.ckpt)
+        model = load_model(args.ckpt, args.source_file)
+        records = {"source": distribution_record(model.source)}
+        target = (read_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}).get("target")
+        if target is not None:  # recorded by ToyDataModule
+            records["target"] = json.dumps(target, sort_keys=True)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
                                      args.tol, args.tol, args.seed, progress=not args.no_progress)
-        path = save_pairs(args.out, x0, x1, nfe=nfe, source=source_record(model.source))
+        path = save_pairs(args.out, x0, x1, nfe=nfe, **records)
     except (ValueError, FileNotFoundError) as err:
         print(f"reflow: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {len(x0)} pairs (NFE {nfe:.1f}) to {path}; train on them with +data.pairs={path} flow=icfm")
+    data = [as_override(role, record) for role, record in records.items()]
+    if "target" not in records:
+        data.append("data.target=<the target this checkpoint was trained on>")
+    if x0.dim() == 2:
+        data.append(f"data.dim={x0.shape[1]}")
+    print(f"wrote {len(x0)} pairs (NFE {nfe:.1f}) to {path}; train on them with "
+          f"+data.pairs={shlex.quote(path)} flow=icfm {' '.join(data)}")
     return 0
 
 

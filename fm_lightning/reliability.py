@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+)", str(err))  # torch names the class or function it refused
         raise ValueError(
-            f"refusing to load {path!r}: it needs arbitrary Python objects unpickled, which could run code. "
-            f"Only weights_only-safe fm-lightning checkpoints are accepted. Details: {str(err).splitlines()[0]}"
+            f"refusing to load {path!r}: it holds {named[1] if named else 'Python objects'}, which weights_only "
+            "loading does not allow (unpickling could run code); pass a checkpoint written by fm-train or fm-cli, "
+            "which hold only weights and plain values"
         ) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise ValueError(f"{path!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err

@@ -23,7 +23,11 @@ import torch
 from .flow.solve import SOLVERS
 from .progress import track
 
-__all__ = ["main"]
+__all__ = ["SOURCE_FILE_HELP", "load_model", "main"]
+
+
+#: ``--source-file``'s help, the same in every tool that takes it.
+SOURCE_FILE_HELP = "points file to draw x0 from (overrides the recorded source, e.g. one that has moved)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance for dopri5/tsit5")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance for dopri5/tsit5")
     p.add_argument("--seed", type=int, default=0, help="seed of the source draw (default 0)")
-    p.add_argument("--source-file", default=None, help="points file to draw x0 from (overrides the recorded source)")
+    p.add_argument("--source-file", default=None, help=SOURCE_FILE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--class", dest="label", default=None,
                    help="class-conditional checkpoints: a label K, 'all' (0,1,..,K-1,0,..) or 'null' (unconditional)")
@@ -105,17 +109,26 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
-def _load(args: argparse.Namespace, source: Any) -> Any:
-    """The checkpoint's model, drawing x0 from ``source`` if given; a recorded points file that
-    has moved, and a ``--source-file`` the checkpoint's path cannot take, get their own message."""
+def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_location: Any = "cpu",
+               ema: bool = True) -> Any:
+    """The checkpoint's model (:func:`~fm_lightning.module.load_checkpoint`), drawing x0 from the
+    points in ``source_file`` if given. Shared by ``fm-sample``, ``fm-eval`` and
+    ``python -m fm_lightning.reflow``: a recorded points source that has moved, and a
+    ``--source-file`` the model cannot take, get one message each, naming ``--source-file``."""
+    from datamodules.toy import Points
+
     from .module import load_checkpoint
     from .reliability import read_checkpoint
     from .spec import from_spec
 
     try:
-        return load_checkpoint(args.ckpt, map_location=args.device, ema=not args.raw_weights, source=source)
+        source = None if source_file is None else Points(source_file)
     except (ValueError, FileNotFoundError) as err:
-        hparams = read_checkpoint(args.ckpt)["hyper_parameters"]  # raises again if reading it was what failed
+        raise ValueError(f"--source-file: {err}") from None
+    try:
+        model = load_checkpoint(ckpt, map_location=map_location, ema=ema, source=source)
+    except (ValueError, FileNotFoundError) as err:
+        hparams = read_checkpoint(ckpt)["hyper_parameters"]  # raises again if reading it was what failed
         if source is None and isinstance(err, FileNotFoundError):  # its recorded source is the only file opened
             raise ValueError(
                 f"the source points file {hparams['source']['init_args']['file']!r} recorded in the checkpoint does "
@@ -131,13 +144,18 @@ def _load(args: argparse.Namespace, source: Any) -> Any:
                 "x0 ~ N(0, I) only, so --source-file cannot be used with it; leave --source-file out"
             ) from None
         raise
+    dim = getattr(model.net, "dim", None)
+    if source is not None and source.dim != dim:
+        raise ValueError(
+            f"--source-file {source_file!r} holds {source.dim}-dimensional points but the model takes "
+            + (f"{dim}-dimensional ones; give a file of shape (N, {dim})" if dim else "images; leave it out")
+        )
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     args = _parser().parse_args(argv)
-    from datamodules.toy import Points
-
     try:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -145,19 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         args.out = _target(args.out, ".npz", "--out", args.overwrite)
         _check_device(args.device)
-        source = None if args.source_file is None else Points(args.source_file)
-        model = _load(args, source)
+        model = load_model(args.ckpt, args.source_file, args.device, ema=not args.raw_weights)
         if args.label is not None and not model.num_classes:
             raise ValueError("--class needs a class-conditional checkpoint; this one is unconditional")
         if args.label is None and model.num_classes:
             raise ValueError(f"this checkpoint is class-conditional ({model.num_classes} classes): pass --class K "
                              f"(0..{model.num_classes - 1}), --class all or --class null")
-        dim = getattr(model.net, "dim", None)
-        if source is not None and source.dim != dim:
-            raise ValueError(
-                f"--source-file {args.source_file!r} holds {source.dim}-dimensional points but the model takes "
-                + (f"{dim}-dimensional ones; give a file of shape (N, {dim})" if dim else "images; leave it out")
-            )
         gen = torch.Generator().manual_seed(args.seed)
         x0 = model.source.sample(args.num_samples, gen)
         grid = None

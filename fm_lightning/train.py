@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationKeyError
 
+from .callbacks import FinalValidation
 from .distributed import check_devices
 from .loggers import CSVLogger
 from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
@@ -39,6 +40,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 class UserError(Exception):
     """An error in the user's configuration or input, reported without a traceback."""
+
+
+class SweepError(UserError):
+    """Bad input that every job of a sweep shares: it ends the whole sweep, not just one job."""
 
 
 class JobFailed(CompactHydraException):
@@ -201,22 +206,25 @@ def _read_metrics(output_dir: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _continue_wandb(cfg: DictConfig, resuming: bool) -> None:
+def _continue_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
     """W&B conventions for the ``wandb`` logger, unless set: the jobs of one sweep share the
-    group ``<task_name>_<sweep folder name>``, and a resumed run continues the W&B run its
-    directory already holds (same ``id``; online only, W&B cannot resume an offline run)."""
+    group ``<task_name>_<sweep folder name>``, and a run resumed from ``ckpt_path`` continues
+    the W&B run of the checkpoint's run directory (else of the logger's ``save_dir``), with the
+    same ``id`` (W&B cannot resume an offline run: an offline session starts a new one under it)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg:
         return
     with open_dict(wandb_cfg):
         if wandb_cfg.get("group") is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
-        if resuming and wandb_cfg.get("id") is None:
+        if ckpt_path is None or wandb_cfg.get("id") is not None:
+            return
+        for save_dir in (Path(ckpt_path).resolve().parent.parent, Path(wandb_cfg.get("save_dir") or ".")):
             # <save_dir>/wandb/[offline-]run-<date>_<time>-<id>[-N]/run-<id>.wandb
-            earlier = sorted(Path(wandb_cfg.get("save_dir") or ".", "wandb").glob("*run-*/run-*.wandb"),
-                             key=os.path.getmtime)
+            earlier = sorted(save_dir.glob("wandb/*run-*/run-*.wandb"), key=os.path.getmtime)
             if earlier:
                 wandb_cfg.id = earlier[-1].stem[len("run-"):]  # Lightning's logger resumes it ("allow")
+                return
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path:
@@ -237,6 +245,36 @@ def _resolve_resume(cfg: DictConfig) -> tuple[str | None, dict | None]:
         log.info("resuming %s in place", cfg.paths.output_dir)
     # refuses missing, foreign or unsafe files before anything starts
     return str(ckpt_path), read_checkpoint(ckpt_path)
+
+
+def _optimizing_sweep() -> bool:
+    """Whether a sweeper optimises the value fm-train returns: Optuna (or Ax, Nevergrad...),
+    any but Hydra's basic one."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and not str(hydra_cfg.sweeper.get("_target_")).endswith(".BasicSweeper")
+
+
+def _metric_not_logged(key: str | None, logged: set[str]) -> SweepError:
+    """The error for an ``optimized_metric`` that is not among the ``logged`` keys."""
+    return SweepError(f"optimized_metric={key} is not a metric this run logs, so the sweeper has nothing to "
+                      f"optimise; set optimized_metric to one of: {', '.join(sorted(logged))}")
+
+
+class _CheckOptimizedMetric(L.Callback):
+    """Ends a search at the first validation when the run does not log its ``optimized_metric``
+    (now, or later from a sampling callback's ``metric_keys``, such as FID at fit end)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        logged = set(trainer.callback_metrics).union(*(getattr(c, "metric_keys", ()) for c in trainer.callbacks))
+        if self.key not in logged:
+            raise _metric_not_logged(self.key, logged)
 
 
 def _set_threads(cfg: DictConfig) -> None:
@@ -267,12 +305,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
     if cfg.get("matmul_precision") and torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 on Ampere and newer
-    _continue_wandb(cfg, resuming=ckpt_path is not None)
+    _continue_wandb(cfg, ckpt_path)
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
         _fill_native_shape(cfg, datamodule)
         model = hydra.utils.instantiate(cfg.model)
-        callbacks = _instantiate_all(cfg.get("callbacks"))
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), FinalValidation()]
+        if _optimizing_sweep():
+            callbacks.append(_CheckOptimizedMetric(cfg.get("optimized_metric")))
         loggers = _instantiate_all(cfg.get("logger"))
         if not loggers:  # nothing to monitor into; Lightning would refuse the callback
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -320,15 +360,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    """Train; to a sweeper that optimises it, return the ``optimized_metric``."""
     try:
         metrics = run(cfg)
+        if not _optimizing_sweep():
+            return None
+        key = cfg.get("optimized_metric")
+        if key not in metrics:  # a run without validation
+            raise _metric_not_logged(key, set(metrics) - {"global_step"})
+        if isinstance(metrics[key], str):
+            raise UserError(f"optimized_metric {key} is {metrics[key]}; the trial is marked failed")
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep
-            _report_error(err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, SweepError):
+            _report_error(err)  # one failed job must not end the sweep
             raise JobFailed(f"fm-train: error: {err}") from None
         exit_with_error(err)
-    value = metrics.get(cfg.get("optimized_metric") or "val/w2")
-    return value if isinstance(value, float) else None
+    return metrics[key]
 
 
 def main() -> None:

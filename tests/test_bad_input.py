@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from fm_lightning import evaluate, sample
+from fm_lightning import evaluate, reflow, sample
 from fm_lightning.train import run
 
 FAST = ["debug=fast", "logger=none"]
@@ -47,6 +47,8 @@ def earlier(tmp_path_factory):
     (root / "a_file").write_text("")
     (root / "folder.npz").mkdir()
     np.save(root / "two_d.npy", np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32))
+    with open(root / "npy_named.npz", "wb") as f:  # np.save would append .npy
+        np.save(f, np.zeros((10, 2), np.float32))
     _damaged_checkpoints(root, root / "logs/train/runs/earlier/checkpoints/last.ckpt")
 
     class Evil:
@@ -101,6 +103,11 @@ def fm_sample(*args: str):
     return ("sample", list(args), None)
 
 
+def fm_reflow(*args: str):
+    """A CLI case: python -m fm_lightning.reflow with these arguments."""
+    return ("reflow", list(args), None)
+
+
 EARLIER_CKPT = "{root}/logs/train/runs/earlier/checkpoints/last.ckpt"
 CASES = {
     # configs: data
@@ -111,6 +118,13 @@ CASES = {
     "points without a file": (train("data.target=points"), "'points' needs a file"),
     "CSV with a short row": (train("data.target={root}/ragged.csv"), "number of columns changed"),
     "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
+    "points file of another format": (train("data.target={root}/npy_named.npz"),
+                                      "not a valid .npz file: it holds a single .npy array; rename it to end in .npy"),
+    "distribution without a name": (train("data.target={{radius:3}}"), "has no name; add name: one of ['2spirals'"),
+    "distribution argument out of range": (train("data.target={{name:circles,factor:2}}"),
+                                           "distribution 'circles': factor must be in (0, 1), got 2.0"),
+    "negative data dimension": (train("data.source=gaussian", "data.target=gaussian", "data.dim=-1"),
+                                "distribution 'gaussian': dim must be a whole number >= 1"),
     "source and target dims differ": (train("data.dim=3", "data.source=gaussian"), "they must match"),
     "zero batch size": (train("data.batch_size=0"), "must all be >= 1"),
     "negative loader workers": (train("data.num_workers=-1"), "num_workers must be >= 0"),
@@ -205,6 +219,9 @@ CASES = {
     "fm-sample tolerances below float32 resolution": (
         fm_sample(EARLIER_CKPT, "--atol", "1e-13", "--rtol", "1e-13", "--out", "{root}/s.npz"),
         "below float32 resolution"),
+    "fm-sample source file of another format": (
+        fm_sample(EARLIER_CKPT, "--source-file", "{root}/npy_named.npz", "--out", "{root}/s.npz"),
+        "--source-file: points file"),
     "fm-sample source file of another dimension": (
         fm_sample(EARLIER_CKPT, "--source-file", "{root}/three_d.npy", "--out", "{root}/s.npz"), "3-dimensional"),
     # fm-eval and reflow (the earlier run maps 8gaussians -> moons: 2-D, source density unknown)
@@ -220,6 +237,11 @@ CASES = {
                                            "already holds an evaluation"),
     "fm-eval output onto a file": (fm_eval(EARLIER_CKPT, "--out", "{root}/notes.txt"), "is a file"),
     "reflow pairs of unequal shapes": (train("+data.pairs={root}/pairs_ragged.npz"), "of one shape"),
+    "reflow pairs in a .npy": (train("+data.pairs={root}/two_d.npy"), "is not a valid .npz file: it holds a single"),
+    "fm-eval a moved source file": (fm_eval("{root}/moved_source.ckpt", "--out", "{root}/eval"),
+                                    "(moved since training?); pass --source-file"),
+    "reflow a moved source file": (fm_reflow("{root}/moved_source.ckpt", "--out", "{root}/p.npz"),
+                                   "(moved since training?); pass --source-file"),
 }
 
 
@@ -234,7 +256,7 @@ def test_bad_input_gets_one_clear_message_and_loses_nothing(name, earlier, capsy
         message = str(info.value)
     else:
         try:
-            code = (sample.main if kind == "sample" else evaluate.main)(args)
+            code = {"sample": sample.main, "eval": evaluate.main, "reflow": reflow.main}[kind](args)
         except SystemExit as exit_:  # argparse errors
             code = exit_.code
         assert code == 2

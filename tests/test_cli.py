@@ -61,7 +61,7 @@ def test_parity_same_experiment_gives_equal_hyperparameters(tmp_path, cli_config
 
 def test_data_dimension_is_stated_once_and_linked(tmp_path):
     model = _cli("--config", TOY, "--data.init_args.source=gaussian", "--data.init_args.target=gaussian",
-                 "--data.init_args.dim=3").model
+                 "--data.init_args.dim=3", "--model.net.init_args.dim=3").model  # the data's value may be repeated
     assert model.net.dim == 3 and model.source.dim == 3 and model.source.is_standard_gaussian
 
 
@@ -85,7 +85,9 @@ def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--ckpt_path=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
-    (["--model.flow.init_args.path.class_path=fm_lightning.flow.paths.NoSuchPath"], "flow must be a CFMObjective"),
+    (["--model.flow.init_args.path.class_path=fm_lightning.flow.paths.NoSuchPath"], "has no attribute 'NoSuchPath'"),
+    (["--model.net.init_args.dim=3"], "model.net.init_args.dim=3 differs from 2, the value linked from the data; "
+                                      "leave it out and set data.init_args.dim instead"),
     (["--ckpt_path=last"], "no run under"),
     ([f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),  # a file, not a folder
     (["--trainer.logger=false", f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),
@@ -95,6 +97,19 @@ def test_fm_cli_bad_input_gets_one_message(tmp_path, monkeypatch, capsys, args, 
     monkeypatch.chdir(tmp_path)
     assert message in _fit_error(capsys, f"--trainer.default_root_dir={tmp_path / 'out'}", *args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arg", ["--model.net.init_args.width=abc", "--model.net.init_args.activation=foo",
+                                 "--model.optimizer.init_args.lr=abc",
+                                 "--model.flow.init_args.path.init_args.sigma=abc"])
+@pytest.mark.parametrize("print_config", [False, True])
+def test_fm_cli_bad_value_inside_a_class_spec_is_a_parser_error(capsys, arg, print_config):
+    key, value = arg.rsplit(".", 1)[1].split("=")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TOY, arg, *(["--print_config"] if print_config else [])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    assert f'Parser key "{key}"' in err and value in err
 
 
 class _Payload:
@@ -218,6 +233,9 @@ def test_fm_cli_fit_on_digits_links_image_shape_and_classes(tmp_path):
                    f"--trainer.default_root_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = next(out.rglob("last.ckpt"))
+    pictures = {p.name for p in ckpt.parents[1].glob("*.png")}
+    readme = (REPO / "README.md").read_text().split("## Lightning CLI")[1].split("\n## ")[0].replace("\n", " ")
+    assert pictures == {"grid.png", "trajectory.png"} and "`grid.png` and `trajectory.png` (images" in readme
     model = load_checkpoint(ckpt)
     assert model.net.num_classes == 10 and list(model.source.dim) == [1, 8, 8]
     assert model.sample(num_samples=3, cond=torch.arange(3), solver="euler", steps=2).x.shape == (3, 1, 8, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_config, run_cli
 from fm_lightning.module import load_checkpoint
-from fm_lightning.reliability import ModelCheckpoint
+from fm_lightning.reliability import ModelCheckpoint, read_checkpoint
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 POISON = ["debug=fast", "callbacks.model_checkpoint.every_n_train_steps=10", "+callbacks.poison._target_=poison.NaNBatchAtStep",
@@ -62,6 +63,18 @@ def test_a_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode != 0 and "refusing to load" in proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("payload", "named"), [(functools.partial(torch.optim.Adam, lr=1.0), "functools.partial"),
+                                                (os.getcwd, f"{os.getcwd.__module__}.getcwd")])
+def test_an_unsafe_checkpoint_is_refused_in_one_clean_line_naming_the_class(tmp_path, payload, named):
+    path = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"optimizer": payload}}, path)
+    with pytest.raises(ValueError) as refused:
+        read_checkpoint(path)
+    message = str(refused.value)
+    assert f"it holds {named}, which weights_only loading does not allow" in message
+    assert message.endswith("which hold only weights and plain values") and message.isprintable()
 
 
 def _untrained_checkpoint(path) -> dict:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+from types import SimpleNamespace
+
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
+from fm_lightning.callbacks import FIDCallback
+from fm_lightning.train import SweepError, _CheckOptimizedMetric
 
 
 def test_multirun_gives_each_job_its_own_directory_and_grouped_wandb_run(tmp_path):
@@ -46,3 +52,24 @@ def test_optuna_search_minimises_val_w2_and_goes_on_past_a_failed_trial(tmp_path
     jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
     assert len(jobs) == 3
     assert 0 < sum((j / "metrics.json").is_file() for j in jobs) < 3  # the 1e30 trials failed, the others ran
+
+
+def test_an_optimized_metric_the_run_does_not_log_ends_the_search_at_the_first_validation(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("fm-train", "hparams_search=toy_optuna", "debug=fast", "hydra.sweeper.n_trials=2",
+                   "optimized_metric=val/W2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fm-train: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("fm-train: error: optimized_metric=val/W2 is not a metric this run logs")
+    assert "val/loss, val/nfe" in errors[0] and "val/w2" in errors[0]  # what it does log
+    assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0"]  # the first trial, stopped at
+    with open(sweep / "0/csv/metrics.csv") as f:  # its first validation (after step 20 of 40)
+        assert max(int(r["step"]) for r in csv.DictReader(f)) == 19
+
+
+def test_the_metric_check_counts_a_metric_that_a_callback_logs_at_fit_end():
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/loss": 1.0},
+                              callbacks=[FIDCallback(key="val/fid")])
+    _CheckOptimizedMetric("val/fid").on_validation_end(trainer, None)  # FID comes at fit end
+    with pytest.raises(SweepError, match="optimized_metric=val/FID .*: val/fid, val/fid_nfe, val/loss$"):
+        _CheckOptimizedMetric("val/FID").on_validation_end(trainer, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -146,6 +147,22 @@ def test_a_second_run_never_overwrites_an_earlier_run(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="already holds checkpoints"):
         run(tiny_cfg())
     assert ckpt.read_bytes() == before
+
+
+def test_a_run_shorter_than_the_validation_interval_ends_with_one_validation(tiny_cfg, tmp_path, monkeypatch):
+    """10 steps, validation every 20: a validation after the last step gives metrics.json and
+    metrics.csv their val/loss, and its sampling is the fit end's (not done twice)."""
+    from fm_lightning.callbacks import SampleCallback
+
+    steps, evaluate = [], SampleCallback.evaluate
+    monkeypatch.setattr(SampleCallback, "evaluate", lambda self, trainer, module: steps.append(trainer.global_step)
+                        or evaluate(self, trainer, module))
+    run(tiny_cfg("trainer.max_steps=10"))
+    assert steps == [10]
+    assert {"val/loss", "val/w2"} <= json.loads((tmp_path / "run/metrics.json").read_text()).keys()
+    with open(tmp_path / "run/csv/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    assert [(int(r["step"]), bool(r["val/w2"])) for r in rows] == [(9, True)]
 
 
 def test_validation_logs_the_loss_in_ten_bins_of_t(tmp_path):

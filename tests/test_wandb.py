@@ -54,13 +54,17 @@ def _run_and_exit(run_dir):
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_a_failed_one_is_marked_failed(tiny_cfg, tmp_path):
+    """Resumed in its own directory, or from its checkpoint into a new one, a run keeps its W&B id."""
     wandb = ["logger=wandb", "logger.wandb.offline=true", "model.lr_scheduler.warmup_steps=1"]
+    last = tmp_path / "run/checkpoints/last.ckpt"
     run(tiny_cfg(*wandb, "trainer.max_steps=20"))
-    run(tiny_cfg(*wandb, "trainer.max_steps=30", f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))
+    run(tiny_cfg(*wandb, "trainer.max_steps=30", f"ckpt_path={last}"))
+    run(tiny_cfg(*wandb, "trainer.max_steps=40", f"ckpt_path={last}", output_dir=tmp_path / "new"))
     sessions = sorted((tmp_path / "run/wandb").glob("offline-run-*"))
     assert len(sessions) == 2
     (first_id, first_exit), resumed = [_run_and_exit(d) for d in sessions]
     assert first_exit == 0 and resumed == (first_id, 0)
+    assert _run_and_exit(_wandb_run_dir(tmp_path / "new")) == (first_id, 0)
     with pytest.raises(NonFiniteError):
         run(tiny_cfg(*wandb, "model.optimizer.lr=1e30", output_dir=tmp_path / "bad"))
     assert _run_and_exit(_wandb_run_dir(tmp_path / "bad"))[1] == 1

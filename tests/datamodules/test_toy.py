@@ -1,6 +1,8 @@
 """Toy distributions: shapes, reproducibility, analytic geometry; points files; ToyDataModule."""
 
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -261,9 +263,63 @@ def test_points_unknown_extension_and_garbage(tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.npy, \.npz or \.csv"):
         Points(str(f))
     g = tmp_path / "garbage.npy"
-    g.write_text("not an npy file")
-    with pytest.raises(ValueError, match="cannot read points file"):
+    g.write_bytes(b"\0\1 not an npy file")
+    with pytest.raises(ValueError, match="not a valid .npy file: it holds binary data that is not numpy's"):
         Points(str(g))
+
+
+def _write(path, kind):
+    """``path`` holding PTS as ``kind`` (``.npy``, ``.npz``, ``.csv`` contents, or nothing), whatever its name."""
+    with open(path, "wb") as f:  # np.save/np.savez would append their own extension to the name
+        if kind == ".npy":
+            np.save(f, PTS)
+        elif kind == ".npz":
+            np.savez(f, points=PTS)
+        elif kind == ".csv":
+            f.write("\n".join(",".join(map(str, row)) for row in PTS).encode())
+    return str(path)
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), [
+    ("pts.npz", ".npy", "is not a valid .npz file: it holds a single .npy array; rename it to end in .npy"),
+    ("pts.npy", ".npz", "is not a valid .npy file: it holds an .npz archive; rename it to end in .npz"),
+    ("pts.npy", ".csv", "is not a valid .npy file: it holds text; rename it to end in .csv"),
+    ("pts.csv", ".npz", "is not a valid .csv file: it holds an .npz archive; rename it to end in .npz"),
+    ("pts.npy", None, "is not a valid .npy file: it holds nothing (it is empty); give a .npy (numpy.save)"),
+], ids=["npy-as-npz", "npz-as-npy", "csv-as-npy", "npz-as-csv", "empty-npy"])
+def test_a_points_file_whose_contents_are_another_format_gets_one_line_saying_so(tmp_path, name, kind, message):
+    """numpy picks the format from the contents; the name must not decide how they are read."""
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        make_distribution(_write(tmp_path / name, kind))
+    assert "\n" not in str(err.value)
+    assert torch.equal(Points(_write(tmp_path / f"right{kind or '.npy'}", kind or ".npy")).data,
+                       torch.as_tensor(PTS, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"radius": 3}, "distribution {'radius': 3} has no name; add name: one of ['2spirals', '8gaussians', "),
+    ({"name": "pinwheel", "num_arms": 0}, "distribution 'pinwheel': num_arms must be a whole number >= 1, got 0"),
+    ({"name": "circles", "factor": 2}, "distribution 'circles': factor must be in (0, 1), got 2.0"),
+    ({"name": "gaussian", "dim": -1}, "distribution 'gaussian': dim must be a whole number >= 1"),
+    ({"name": "gaussian", "dim": [1, 0, 8]}, "distribution 'gaussian': dim must be a whole number >= 1"),
+    ({"name": "gaussian", "std": 0}, "distribution 'gaussian': std must be > 0 and finite, got 0.0"),
+    ({"name": "8gaussians", "std": -0.5}, "distribution '8gaussians': std must be >= 0 and finite, got -0.5"),
+])
+def test_distribution_arguments_out_of_range_are_refused_by_name(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_distribution(spec, dim=2)
+
+
+def test_every_distribution_argument_has_its_range_checked():
+    """NaN is outside every documented range: each constructor argument refuses it by name."""
+    for name, cls in DISTRIBUTIONS.items():
+        for param in inspect.signature(cls).parameters:
+            if (name, param) not in (("points", "file"), ("gaussian", "dim")):
+                with pytest.raises(ValueError, match=f"distribution '{name}': {param} must be .*, got nan"):
+                    make_distribution({"name": name, param: float("nan")})
+    with pytest.raises(ValueError, match="distribution 'gaussian': dim must be"):
+        ToyDataModule("gaussian", "gaussian", dim=-1)
+    assert make_distribution({"name": "gaussian", "dim": 3}, dim=2).dim == 3  # the spec's own dim wins
 
 
 def test_make_distribution_unknown_lists_choices():

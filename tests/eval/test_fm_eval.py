@@ -92,6 +92,27 @@ def test_a_relative_points_file_target_is_read_from_the_directory_fm_train_was_l
     assert report["target"].startswith("Points(") and str(launch / "pts.npy") in report["target"]
 
 
+def test_a_moved_points_source_is_named_and_replaced_with_source_file(ckpt, tmp_path, capsys):
+    raw = torch.load(ckpt, weights_only=True)
+    raw["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Points",
+                                         "init_args": {"file": str(tmp_path / "moved_since_training.npy")}}
+    torch.save(raw, tmp_path / "moved.ckpt")
+    np.save(tmp_path / "x0.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    args = [str(tmp_path / "moved.ckpt"), "--metrics", "w2", "--num-samples", "50", "--out", str(tmp_path / "e")]
+    assert evaluate.main(args) == 2
+    assert "does not exist (moved since training?); pass --source-file" in capsys.readouterr().err
+    assert evaluate.main([*args, "--source-file", str(tmp_path / "x0.npy")]) == 0
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert report["source"].startswith("Points(") and str(tmp_path / "x0.npy") in report["source"]
+
+
+def test_a_likelihood_tolerance_out_of_range_is_refused_by_its_flag_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated"))
+    assert evaluate.main(["any.ckpt", "--likelihood-tol", "0"]) == 2
+    assert "--likelihood-tol 0 (atol = rtol of the likelihood ODE): adaptive solver 'dopri5' needs atol > 0" in \
+        capsys.readouterr().err
+
+
 def test_nll_is_skipped_with_the_reason_when_the_source_density_is_unknown(ckpt):
     model = load_checkpoint(ckpt)
     model.source = EightGaussians()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import compose_config, run_cli
-from datamodules.toy import EightGaussians, Gaussian, ToyDataModule, make_distribution
+from datamodules.toy import EightGaussians, Gaussian, ToyDataModule, distribution_record, make_distribution
 from fm_lightning.flow.likelihood import path_energy
 from fm_lightning.flow.objective import CFMObjective
 from fm_lightning.flow.paths import ICFMPath
@@ -77,10 +78,13 @@ def test_paired_data_keeps_every_pair_together(tmp_path):
     ("ragged", "must be x0 and x1 of one shape"),
     ("keys", "must hold arrays 'x0' and 'x1'"),
     ("missing", "does not exist"),
+    ("npy", "is not a valid .npz file: it holds a single .npy array; give an .npz with arrays x0 and x1"),
 ])
 def test_bad_pairs_files_get_one_clear_error(tmp_path, kind, message):
-    path = tmp_path / "p.npz"
-    if kind == "dim":
+    path = tmp_path / ("p.npy" if kind == "npy" else "p.npz")
+    if kind == "npy":
+        np.save(path, np.zeros((4, 2)))
+    elif kind == "dim":
         _pairs_file(path, dim=3)
     elif kind == "ragged":
         _pairs_file(path, dim=3, shift=1)
@@ -101,14 +105,19 @@ def test_pairs_cli_and_save_pairs(tmp_path, capsys):
     assert (tmp_path / "kept.npz").read_bytes() == b"earlier pairs"
 
 
-def test_pairs_must_be_trained_from_the_source_they_were_drawn_from(tmp_path):
-    from fm_lightning.reflow import source_record
-
+def test_pairs_must_be_trained_with_the_source_and_target_they_connect(tmp_path):
     x0 = torch.randn(20, 2)
-    path = save_pairs(tmp_path / "p.npz", x0, 2 * x0, source=source_record(make_distribution("gaussian", dim=2)))
-    assert ToyDataModule("gaussian", "moons", pairs=path).pairs == path
-    with pytest.raises(ValueError, match="start from source .*Gaussian.* but data.source is EightGaussians"):
-        ToyDataModule("8gaussians", "moons", pairs=path)
+    records = {role: distribution_record(make_distribution(spec, dim=2))
+               for role, spec in (("source", "gaussian"), ("target", {"name": "moons", "noise": 0.1}))}
+    path = save_pairs(tmp_path / "p.npz", x0, 2 * x0, **records)
+    assert ToyDataModule("gaussian", {"name": "moons", "noise": 0.1}, pairs=path).pairs == path
+    with pytest.raises(ValueError, match="drawn for data.source=gaussian but data.source is EightGaussians"):
+        ToyDataModule("8gaussians", {"name": "moons", "noise": 0.1}, pairs=path)
+    with pytest.raises(ValueError, match=re.escape("drawn for 'data.target={name:moons,noise:0.1}' but data.target "
+                                                   "is Moons(noise=0.2, ")):
+        ToyDataModule("gaussian", "moons", pairs=path)
+    old = save_pairs(tmp_path / "old.npz", x0, 2 * x0, source=records["source"])  # written before targets were
+    assert ToyDataModule("gaussian", "8gaussians", pairs=old).pairs == old
 
 
 def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
@@ -122,15 +131,44 @@ def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
         dm.train_dataloader()
 
 
-def test_reflow_chain_runs_stage_two_on_the_pairs(tmp_path):
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A finished stage-1 run of ``experiment=toy_reflow`` (N(0, I) -> 8 Gaussians), and its config."""
+    run_dir = tmp_path_factory.mktemp("reflow") / "run"
     cfg = compose_config(["experiment=toy_reflow", "debug=fast", "logger=none", "trainer.max_steps=20",
-                          "callbacks.samples.num_samples=64"], tmp_path / "run")
+                          "callbacks.samples.num_samples=64"], run_dir)
     run(cfg)
+    return cfg, run_dir
+
+
+def test_reflow_cli_records_source_and_target_and_takes_a_moved_source_file(stage1, tmp_path, capsys):
+    """The pairs name their source and target, and the printed command trains on exactly those; a
+    checkpoint whose points source has moved is refused with the flag to use, and takes it."""
+    ckpt = torch.load(stage1[1] / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Points",
+                                          "init_args": {"file": str(tmp_path / "moved_since_training.npy")}}
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    np.save(tmp_path / "x0.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    args = [str(tmp_path / "moved.ckpt"), "--num-pairs", "20", "--solver", "euler", "--steps", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "p.npz")]) == 2
+    assert "does not exist (moved since training?); pass --source-file" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "p.npz"), "--source-file", str(tmp_path / "x0.npy")]) == 0
+    hint = capsys.readouterr().out
+    assert f"flow=icfm data.source={tmp_path / 'x0.npy'} data.target=8gaussians data.dim=2" in hint
+    pairs = str(tmp_path / "p.npz")
+    assert ToyDataModule(str(tmp_path / "x0.npy"), "8gaussians", pairs=pairs).pairs == pairs
+    with pytest.raises(ValueError, match="drawn for data.target=8gaussians but data.target is Moons"):
+        ToyDataModule(str(tmp_path / "x0.npy"), "moons", pairs=pairs)
+
+
+def test_reflow_chain_runs_stage_two_on_the_pairs(stage1):
+    cfg, run_dir = stage1
     chain = ReflowChain(num_pairs=300, batch_size=150, solver="euler", steps=5, eval_samples=100)
-    rows = chain.run(cfg, tmp_path / "run")
-    out = tmp_path / "run" / "reflow"
+    rows = chain.run(cfg, run_dir)
+    out = run_dir / "reflow"
     with np.load(out / "pairs.npz") as z:
         assert z["x0"].shape == z["x1"].shape == (300, 2) and float(z["nfe"]) == 5
+        assert str(z["target"]) == distribution_record(EightGaussians())
     stage2 = load_checkpoint(out / "stage2" / "checkpoints" / "last.ckpt")
     assert type(stage2.flow.coupling).__name__ == "IndependentCoupling" and stage2.flow.path.sigma == 0
     assert [r["model"] for r in rows] == ["1-RF", "2-RF"]
@@ -143,7 +181,7 @@ def test_reflow_chain_runs_stage_two_on_the_pairs(tmp_path):
     from types import SimpleNamespace
 
     with pytest.raises(SystemExit) as exit_:
-        chain.on_run_start(SimpleNamespace(hydra=SimpleNamespace(run=SimpleNamespace(dir=str(tmp_path / "run")))))
+        chain.on_run_start(SimpleNamespace(hydra=SimpleNamespace(run=SimpleNamespace(dir=str(run_dir)))))
     assert exit_.value.code == 2
 
 
