@@ -16,6 +16,7 @@ write the checkpoint's hyperparameters over it). ``predict`` saves ``samples.npz
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -186,9 +187,10 @@ class FlowMatchingCLI(LightningCLI):
         for target, (compute, data_key) in _LINKS.items():
             given = self._given.get(target)
             if given is not None and given != (linked := compute(self.datamodule)):
+                settable = data_key in inspect.signature(type(self.datamodule)).parameters
+                remedy = f"set data.init_args.{data_key} instead" if settable else "this data has no such setting"
                 raise ValueError(
-                    f"{target}={given} differs from {linked}, the value linked from the data; leave it out and "
-                    f"set data.init_args.{data_key} instead"
+                    f"{target}={given} differs from {linked}, the value linked from the data; leave it out ({remedy})"
                 )
 
     def add_arguments_to_parser(self, parser) -> None:

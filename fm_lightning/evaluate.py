@@ -573,12 +573,12 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike | None = None,
     metrics: Sequence[str] | None = None,
     target: str | None = None,
-    source_file: str | None = None,
     data_config: str | None = None,
     ema: bool = True,
     device: str = "cpu",
     wandb_project: str | None = None,
     overwrite: bool = False,
+    source_file: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and write ``eval.json``, ``eval.md`` (and the sweep files).
@@ -588,14 +588,14 @@ def evaluate_checkpoint(
         out_dir: output folder (default: ``<run>/eval`` beside ``<run>/checkpoints``).
         metrics: names from :data:`POINT_METRICS` or :data:`IMAGE_METRICS` (``None``: all that apply).
         target: 2-D target (distribution name or points file); default: the recorded one.
-        source_file: 2-D: points file to draw x0 from instead of the recorded source (which may
-            have moved).
         data_config: a run's ``.hydra/config.yaml`` whose ``data`` node builds the image data.
         ema: use the EMA weights when the checkpoint has them.
         device: torch device.
         wandb_project: also log the metrics, the sweep table (``eval/nfe_sweep``) and its plot
             to a W&B run of this project (offline under ``out_dir/wandb`` without credentials).
         overwrite: write into an ``out_dir`` that holds files already (else refused, before any work).
+        source_file: 2-D: points file to draw x0 from instead of the recorded source (which may
+            have moved).
         **kwargs: passed to :func:`evaluate_points` or :func:`evaluate_images`.
 
     Returns:

@@ -80,9 +80,14 @@ class FlowMatchingModule(L.LightningModule):
         self.source = source
         self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
         self.lr_scheduler_factory = lr_scheduler
-        for name, built, kind in (("net", net, nn.Module), ("flow", flow, CFMObjective)):
-            if not isinstance(built, kind):
-                raise ValueError(f"{name} must be a {kind.__name__}, got {built!r}; check the class paths in it")
+        parts = {"net": net, "flow": flow, "source": source, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        for name, part in parts.items():
+            if isinstance(part, dict) and "class_path" in part:
+                raise ValueError(f"{name} is a class_path/init_args spec; the constructor takes the object itself "
+                                 "(build it with fm_lightning.spec.from_spec, or load a checkpoint with load_checkpoint)")
+        for name, kind in (("net", nn.Module), ("flow", CFMObjective)):
+            if not isinstance(parts[name], kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {parts[name]!r}")
         self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")

@@ -209,17 +209,22 @@ def _read_metrics(output_dir: str) -> dict[str, Any]:
 def _continue_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
     """W&B conventions for the ``wandb`` logger, unless set: the jobs of one sweep share the
     group ``<task_name>_<sweep folder name>``, and a run resumed from ``ckpt_path`` continues
-    the W&B run of the checkpoint's run directory (else of the logger's ``save_dir``), with the
-    same ``id`` (W&B cannot resume an offline run: an offline session starts a new one under it)."""
+    the W&B run of the checkpoint's run directory (``<run>/checkpoints/*.ckpt``; not for sweep
+    jobs, which each get a run of their own), else of the logger's ``save_dir``, with the same
+    ``id`` (W&B cannot resume an offline run: an offline session starts a new one under it)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg:
         return
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     with open_dict(wandb_cfg):
-        if wandb_cfg.get("group") is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if wandb_cfg.get("group") is None and sweep:
             wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
         if ckpt_path is None or wandb_cfg.get("id") is not None:
             return
-        for save_dir in (Path(ckpt_path).resolve().parent.parent, Path(wandb_cfg.get("save_dir") or ".")):
+        checkpoint_dir = Path(ckpt_path).resolve().parent
+        run_dir = checkpoint_dir.parent
+        own_run = [run_dir] if checkpoint_dir.name == "checkpoints" and not sweep else []
+        for save_dir in [*own_run, Path(wandb_cfg.get("save_dir") or ".")]:
             # <save_dir>/wandb/[offline-]run-<date>_<time>-<id>[-N]/run-<id>.wandb
             earlier = sorted(save_dir.glob("wandb/*run-*/run-*.wandb"), key=os.path.getmtime)
             if earlier:

@@ -60,9 +60,11 @@ def test_parity_same_experiment_gives_equal_hyperparameters(tmp_path, cli_config
 
 
 def test_data_dimension_is_stated_once_and_linked(tmp_path):
-    model = _cli("--config", TOY, "--data.init_args.source=gaussian", "--data.init_args.target=gaussian",
-                 "--data.init_args.dim=3", "--model.net.init_args.dim=3").model  # the data's value may be repeated
+    gaussian = ["--config", TOY, "--data.init_args.source=gaussian", "--data.init_args.target=gaussian"]
+    model = _cli(*gaussian, "--data.init_args.dim=3").model
     assert model.net.dim == 3 and model.source.dim == 3 and model.source.is_standard_gaussian
+    # The data's value may be repeated on the model side.
+    assert _cli(*gaussian, "--data.init_args.dim=3", "--model.net.init_args.dim=3").model.net.dim == 3
 
 
 def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
@@ -87,7 +89,9 @@ def test_fm_cli_fit_writes_a_checkpoint_that_loads_like_fm_train(tmp_path):
     (["--ckpt_path=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
     (["--model.flow.init_args.path.class_path=fm_lightning.flow.paths.NoSuchPath"], "has no attribute 'NoSuchPath'"),
     (["--model.net.init_args.dim=3"], "model.net.init_args.dim=3 differs from 2, the value linked from the data; "
-                                      "leave it out and set data.init_args.dim instead"),
+                                      "leave it out (set data.init_args.dim instead)"),
+    (["--model.net.init_args.num_classes=3"], "differs from 0, the value linked from the data; "
+                                              "leave it out (this data has no such setting)"),
     (["--ckpt_path=last"], "no run under"),
     ([f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),  # a file, not a folder
     (["--trainer.logger=false", f"--trainer.default_root_dir={TOY}"], "cannot create the run folder"),

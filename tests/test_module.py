@@ -29,8 +29,13 @@ def test_the_constructor_takes_objects_and_load_checkpoint_rebuilds_them_from_th
     assert all(torch.equal(a, b) for a, b in zip(lightning_loaded.state_dict().values(), model.state_dict().values()))
     with pytest.raises(TypeError, match="checkpoint_path and map_location only, not \\['strict'\\]"):
         FlowMatchingModule.load_from_checkpoint(tmp_path / "m.ckpt", strict=False)
-    with pytest.raises(ValueError, match="net must be a Module, got {'class_path': 'fm_lightning.nets.mlp.MLP'"):
-        FlowMatchingModule(model.hparams["net"], CFMObjective(ICFMPath(0.0)), Gaussian(2))
+    for name in ("net", "source", "optimizer"):  # specs are refused where objects belong
+        parts = {"net": MLP(2, 8, 1), "flow": CFMObjective(ICFMPath(0.0)), "source": Gaussian(2),
+                 name: model.hparams[name]}
+        with pytest.raises(ValueError, match=f"^{name} is a class_path/init_args spec; .* load_checkpoint"):
+            FlowMatchingModule(**parts)
+    with pytest.raises(ValueError, match="flow must be a CFMObjective, got 3"):
+        FlowMatchingModule(MLP(2, 8, 1), 3, Gaussian(2))
 
 
 def test_plain_attribute_fast_path_keeps_module_semantics():

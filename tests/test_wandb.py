@@ -104,3 +104,24 @@ def test_online_without_credentials_falls_back_to_offline_with_a_warning(monkeyp
 def test_log_model_offline_is_refused(tmp_path):
     with pytest.raises(ValueError, match="log_model needs an online"):
         WandbLogger(project="p", save_dir=str(tmp_path), offline=True, log_model=True)
+
+
+def test_only_a_run_directory_lends_its_wandb_id_to_a_resume(tmp_path):
+    """``<run>/checkpoints/x.ckpt`` continues ``<run>``'s W&B run; a checkpoint elsewhere does not
+    adopt whatever W&B run sits next to it."""
+    from omegaconf import OmegaConf
+
+    from fm_lightning.train import _continue_wandb
+
+    def resumed_id(folder):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "m.ckpt").touch()
+        session = tmp_path / folder / "../wandb/offline-run-20260101_000000-abc123"
+        session.mkdir(parents=True)
+        (session / "run-abc123.wandb").touch()
+        cfg = OmegaConf.create({"task_name": "t", "logger": {"wandb": {"id": None, "save_dir": str(tmp_path / "new")}}})
+        _continue_wandb(cfg, str(tmp_path / folder / "m.ckpt"))
+        return cfg.logger.wandb.id
+
+    assert resumed_id("project/weights") is None
+    assert resumed_id("run/checkpoints") == "abc123"
