@@ -45,7 +45,7 @@ from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalize
 from .flow.solve import SOLVERS, check_solver
 from .metrics import rbf_mmd2, wasserstein2
 from .progress import num_examples, track
-from .sample import SOURCE_FILE_HELP, load_model
+from .sample import SOURCE_FILE_HELP, check_solver_options, load_model
 
 __all__ = [
     "POINT_METRICS", "IMAGE_METRICS", "SweepSetting", "sweep_grid", "nfe_sweep", "write_sweep",
@@ -622,6 +622,7 @@ def evaluate_checkpoint(
     hp = model.hparams
     report["sampling"] = {k: kwargs.get(k) if kwargs.get(k) is not None else hp[k]
                           for k in ("solver", "steps", "atol", "rtol")}
+    check_solver_options(report["sampling"]["solver"], kwargs.get("steps"), kwargs.get("atol"), kwargs.get("rtol"))
     guidance = image_only.get("guidance")
     if kind == "images" and model.num_classes:
         report["sampling"]["guidance"] = 1.0 if guidance is None else float(guidance)

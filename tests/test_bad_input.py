@@ -197,6 +197,12 @@ CASES = {
     "fm-sample unknown solver": (fm_sample(EARLIER_CKPT, "--solver", "rk45"), "invalid choice: 'rk45'"),
     "fm-sample zero samples": (fm_sample(EARLIER_CKPT, "--num-samples", "0"), "--num-samples must be >= 1"),
     "fm-sample zero steps": (fm_sample(EARLIER_CKPT, "--solver", "euler", "--steps", "0"), "needs steps >= 1"),
+    "fm-sample steps for the checkpoint's adaptive solver": (
+        fm_sample(EARLIER_CKPT, "--steps", "10", "--out", "{root}/s.npz"),
+        "--steps applies to the fixed-step solvers (euler, midpoint, rk4), not to dopri5"),
+    "fm-sample tolerances for a fixed-step solver": (
+        fm_sample(EARLIER_CKPT, "--solver", "euler", "--atol", "1e-3", "--out", "{root}/s.npz"),
+        "--atol/--rtol apply to the adaptive solvers (dopri5, tsit5), not to euler"),
     "fm-sample output into a missing folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/no/such/dir/s.npz"),
                                                "does not exist"),
     "fm-sample output onto a folder": (fm_sample(EARLIER_CKPT, "--out", "{root}/evaluated"), "names a folder"),
@@ -236,6 +242,9 @@ CASES = {
     "fm-eval into an earlier evaluation": (fm_eval(EARLIER_CKPT, "--metrics", "w2", "--out", "{root}/evaluated"),
                                            "already holds an evaluation"),
     "fm-eval output onto a file": (fm_eval(EARLIER_CKPT, "--out", "{root}/notes.txt"), "is a file"),
+    "fm-eval steps for the checkpoint's adaptive solver": (
+        fm_eval(EARLIER_CKPT, "--metrics", "w2", "--steps", "10", "--out", "{root}/eval"),
+        "--steps applies to the fixed-step solvers (euler, midpoint, rk4), not to dopri5"),
     "reflow pairs of unequal shapes": (train("+data.pairs={root}/pairs_ragged.npz"), "of one shape"),
     "reflow pairs in a .npy": (train("+data.pairs={root}/two_d.npy"), "is not a valid .npz file: it holds a single"),
     "fm-eval a moved source file": (fm_eval("{root}/moved_source.ckpt", "--out", "{root}/eval"),
