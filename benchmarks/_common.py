@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from fm_lightning.flow.paths import PathSample
+from fm_lightning.schedules import fit_to_max_steps
 from fm_lightning.train import CONFIG_DIR
 
 __all__ = ["compose_train", "Clock", "TorchCFMRecipe", "TASKS", "FLOWS"]
@@ -201,8 +202,7 @@ def bare_train(cfg: DictConfig, seed_everything: bool = True, warmup: int = 0):
     flow = hydra.utils.instantiate(cfg.model.flow)
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(net.parameters())
     scheduler = hydra.utils.instantiate(cfg.model.lr_scheduler)(optimizer) if cfg.model.get("lr_scheduler") else None
-    if getattr(scheduler, "total_steps", 0) is None:  # as the module does: the schedule spans max_steps
-        scheduler.set_total_steps(cfg.trainer.max_steps)
+    fit_to_max_steps(scheduler, cfg.trainer.max_steps)  # as the module does
     datamodule.objective = flow  # drawn in the loader's workers, as under the Trainer
     loader = datamodule.train_dataloader()
     total, done, clock = int(cfg.trainer.max_steps), 0, None

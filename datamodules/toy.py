@@ -44,8 +44,14 @@ def _randn(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
 def _check(dist: Distribution, param: str, ok: bool, valid: str) -> None:
     """Refuse a constructor argument of ``dist`` outside its documented range, naming both."""
     if not ok:
-        name = next((n for n, cls in DISTRIBUTIONS.items() if cls is type(dist)), type(dist).__name__)
+        name = _registered_name(type(dist)) or type(dist).__name__
         raise ValueError(f"distribution {name!r}: {param} must be {valid}, got {getattr(dist, param)}")
+
+
+def _registered_name(cls: type | str) -> str | None:
+    """The :data:`DISTRIBUTIONS` name of a class (or of its ``module.Class`` path), if it has one."""
+    path = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__name__}"
+    return next((n for n, c in DISTRIBUTIONS.items() if path == f"{c.__module__}.{c.__name__}"), None)
 
 
 def _positive(x: float) -> bool:
@@ -444,12 +450,13 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         raise TypeError(f"bad arguments for distribution {name!r}: {err}") from err
 
 
-def distribution_record(dist: Distribution) -> str:
-    """``dist`` as a JSON spec, as reflow stores its source and target with the pairs so that
-    training on them can check ``data.source`` and ``data.target`` (:func:`load_pairs`)."""
+def distribution_record(dist: Distribution | dict) -> str:
+    """``dist`` (or its ``class_path``/``init_args`` spec) as a JSON spec, as reflow stores its
+    source and target with the pairs so that training on them can check ``data.source`` and
+    ``data.target`` (:func:`load_pairs`)."""
     from fm_lightning.spec import to_spec
 
-    return json.dumps(to_spec(dist), sort_keys=True)
+    return json.dumps(dist if isinstance(dist, dict) else to_spec(dist), sort_keys=True)
 
 
 def as_override(role: str, record: str) -> str:
@@ -458,8 +465,7 @@ def as_override(role: str, record: str) -> str:
     or its points file."""
     spec = json.loads(record)
     args = spec.get("init_args") or {}
-    name = next((n for n, cls in DISTRIBUTIONS.items() if spec["class_path"] == f"{cls.__module__}.{cls.__name__}"),
-                None)
+    name = _registered_name(spec["class_path"])
     if name is None:
         value = record
     elif name == "points":

@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 
 from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalized_path_energy, path_energy
-from .flow.solve import SOLVERS, check_solver
+from .flow.solve import SOLVERS, check_solver, check_solver_options
 from .metrics import rbf_mmd2, wasserstein2
 from .progress import num_examples, track
-from .sample import SOURCE_FILE_HELP, check_solver_options, load_model
+from .sample import SOURCE_FILE_HELP, load_model
 
 __all__ = [
     "POINT_METRICS", "IMAGE_METRICS", "SweepSetting", "sweep_grid", "nfe_sweep", "write_sweep",

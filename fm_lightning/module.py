@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .distributed import seed_rank, skip_nvml_check_without_nvml
 from .reliability import check_weights_fit, read_checkpoint
+from .schedules import fit_to_max_steps
 from .flow.objective import CFMLoss, CFMObjective
 from .flow.paths import PathSample
 from .flow.solve import ODESolution, Solver, check_solver, odeint
@@ -233,11 +234,7 @@ class FlowMatchingModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # the schedule spans the trainer's max_steps
-            if self.trainer.max_steps < 1:
-                raise ValueError("model.lr_scheduler.total_steps=null follows trainer.max_steps, which is not set; "
-                                 "set trainer.max_steps (or total_steps)")
-            scheduler.set_total_steps(self.trainer.max_steps)
+        fit_to_max_steps(scheduler, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @classmethod

@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = {"source": distribution_record(model.source)}
         target = (read_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}).get("target")
         if target is not None:  # recorded by ToyDataModule
-            records["target"] = json.dumps(target, sort_keys=True)
+            records["target"] = distribution_record(target)
         x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
                                      args.tol, args.tol, args.seed, progress=not args.no_progress)
         path = save_pairs(args.out, x0, x1, nfe=nfe, **records)

@@ -20,25 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .flow.solve import FIXED_STEP_SOLVERS, SOLVERS
+from .flow.solve import SOLVERS, check_solver_options
 from .progress import track
 
-__all__ = ["SOURCE_FILE_HELP", "load_model", "check_solver_options", "main"]
+__all__ = ["SOURCE_FILE_HELP", "load_model", "main"]
 
 
 #: ``--source-file``'s help, the same in every tool that takes it.
 SOURCE_FILE_HELP = "points file to draw x0 from (overrides the recorded source, e.g. one that has moved)"
-
-
-def check_solver_options(solver: str, steps: int | None, atol: float | None, rtol: float | None) -> None:
-    """Refuse ``--steps`` for an adaptive solver and ``--atol``/``--rtol`` for a fixed-step one
-    (``solver``: the one that will run, given or the checkpoint's), which it would ignore."""
-    if solver in FIXED_STEP_SOLVERS and (atol is not None or rtol is not None):
-        raise ValueError(f"--atol/--rtol apply to the adaptive solvers (dopri5, tsit5), not to {solver}; "
-                         "give --steps, or --solver dopri5")
-    if solver not in FIXED_STEP_SOLVERS and steps is not None:
-        raise ValueError(f"--steps applies to the fixed-step solvers ({', '.join(FIXED_STEP_SOLVERS)}), not to "
-                         f"{solver}; give --atol/--rtol, or --solver euler (or midpoint, rk4) with --steps")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupConstant", "WarmupCosine"]
+__all__ = ["WarmupConstant", "WarmupCosine", "fit_to_max_steps"]
 
 
 class _Schedule(LambdaLR):
@@ -23,6 +23,7 @@ class _Schedule(LambdaLR):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.settings})
         # the optimizer, restored first, holds the checkpoint's LR; set this schedule's at its step
+        # (LambdaLR.get_lr's formula; calling it outside step() would warn)
         self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
@@ -77,3 +78,14 @@ class WarmupCosine(_Schedule):
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_to_max_steps(scheduler: object, max_steps: int) -> None:
+    """Give a schedule built with ``total_steps=None`` the trainer's ``max_steps`` (other
+    schedulers are left as they are)."""
+    if getattr(scheduler, "total_steps", 0) is not None:
+        return
+    if max_steps < 1:
+        raise ValueError("model.lr_scheduler.total_steps=null follows trainer.max_steps, which is not set; "
+                         "set trainer.max_steps (or total_steps)")
+    scheduler.set_total_steps(max_steps)

@@ -77,7 +77,7 @@ class Coupling:
         (identically on each rank), and keep this rank's share of the pairs: the rows of the
         global batch that came from this rank, ``sum(sizes[:rank]) ...`` (B of them)."""
         sizes = _batch_sizes(x0)
-        g0, g1 = _all_gather(x0, sizes), _all_gather(x1, sizes)
+        g0, g1 = _all_gather(torch.stack([x0, x1], 1), sizes).unbind(1)  # one collective for both
         gc = None if cond is None else _all_gather(cond, sizes)
         i, j = self.pair_indices(g0, g1, generator) if gc is None else self._pair_within_classes(g0, g1, gc, generator)
         start = sum(sizes[: dist.get_rank()])

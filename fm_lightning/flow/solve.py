@@ -15,7 +15,8 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor
 
-__all__ = ["Solver", "SOLVERS", "FIXED_STEP_SOLVERS", "ODESolution", "odeint", "check_solver"]
+__all__ = ["Solver", "SOLVERS", "FIXED_STEP_SOLVERS", "ODESolution", "odeint", "check_solver",
+           "check_solver_options"]
 
 Solver = Literal["euler", "midpoint", "rk4", "dopri5", "tsit5"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
@@ -52,6 +53,17 @@ def check_solver(solver: str, steps: int | None = None, atol: float = 1e-5, rtol
     elif rtol < 1e-10:  # float32 resolves 1.2e-7; below ~1e-11 steps shrink until MAX_NFE
         raise ValueError(f"adaptive solver {solver!r}: rtol={rtol:g} is far below float32 resolution (1.2e-07); the "
                          "solve could not end: use rtol 1e-6 or larger")
+
+
+def check_solver_options(solver: str, steps: int | None, atol: float | None, rtol: float | None) -> None:
+    """Refuse ``--steps`` for an adaptive solver and ``--atol``/``--rtol`` for a fixed-step one
+    (``solver``: the one that will run, given or the checkpoint's), which it would ignore."""
+    if solver in FIXED_STEP_SOLVERS and (atol is not None or rtol is not None):
+        raise ValueError(f"--atol/--rtol apply to the adaptive solvers (dopri5, tsit5), not to {solver}; "
+                         "give --steps, or --solver dopri5")
+    if solver not in FIXED_STEP_SOLVERS and steps is not None:
+        raise ValueError(f"--steps applies to the fixed-step solvers ({', '.join(FIXED_STEP_SOLVERS)}), not to "
+                         f"{solver}; give --atol/--rtol, or --solver euler (or midpoint, rk4) with --steps")
 
 
 #: Velocity evaluations after which an adaptive solve is given up (it would otherwise never end).
