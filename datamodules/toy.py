@@ -483,7 +483,7 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     and ``x1`` of shape (N, dim); one clear error for a missing file, a file that is no ``.npz``,
     missing arrays, shapes that differ or do not match the model's ``dim``, non-finite values, or
     (when the file records the source and target of its pairs, as reflow's do) a ``source`` or
-    ``target`` other than those."""
+    ``target`` other than those (a points file that has moved since is taken as given)."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
     held = _contents(file)
@@ -501,7 +501,8 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     why = {"source": "so that sampling draws x0 as training saw it",
            "target": "so that val/w2 and the checkpoint's target are the data the pairs end at"}
     for role, dist in (("source", source), ("target", target)):
-        if dist is not None and role in recorded and distribution_record(dist) != recorded[role]:
+        if dist is not None and role in recorded and distribution_record(dist) != recorded[role] \
+                and not _moved_points(dist, recorded[role]):
             raise ValueError(
                 f"the pairs in {file!r} were drawn for {as_override(role, recorded[role])} but data.{role} is "
                 f"{dist}; set {as_override(role, recorded[role])}, {why[role]}"
@@ -518,6 +519,13 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     if not (np.isfinite(x0).all() and np.isfinite(x1).all()):
         raise ValueError(f"pairs file {file!r} contains non-finite values")
     return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
+
+
+def _moved_points(dist: Distribution, record: str) -> bool:
+    """``dist`` is a points file standing in for a recorded points file that no longer exists."""
+    spec = json.loads(record)
+    return (isinstance(dist, Points) and _registered_name(spec["class_path"]) == "points"
+            and not os.path.exists(spec["init_args"]["file"]))
 
 
 class _PairStream(IterableDataset):

@@ -15,8 +15,8 @@ Metrics (keys in the JSON):
   with ``eval/bpd_nfe``.
 
 The target of a 2-D checkpoint is ``--target`` (a distribution name or a points file, as
-``data.target``), else the one recorded in the checkpoint (``datamodule_hyper_parameters``),
-else ``data.target`` of the run directory's ``.hydra/config.yaml``. Its source is the recorded
+``data.target``), else ``data.target`` of ``--data-config``, else the one recorded in the checkpoint
+(``datamodule_hyper_parameters``), else ``data.target`` of the run directory's ``.hydra/config.yaml``. Its source is the recorded
 one, or ``--source-file`` (as in ``fm-sample``: for a points file that has moved). Image
 checkpoints read their data from that config (or ``--data-config``); its relative paths are taken
 from the directory ``fm-train`` was launched from (``hydra.runtime.cwd`` in ``.hydra/hydra.yaml``).
@@ -521,6 +521,11 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
             return make_distribution(target, dim=dim)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--target: {err}") from None
+    if data_config is not None:  # given: it wins over what the checkpoint recorded, as --target does
+        data = _run_config(ckpt, data_config)
+        if data is None or "target" not in data:
+            raise ValueError(f"--data-config {data_config!r} has no data.target; pass --target NAME or FILE.npy")
+        return make_distribution(data.target, dim=dim)
     recorded = (ckpt_dict.get("datamodule_hyper_parameters") or {}).get("target")
     if recorded is not None:
         try:
@@ -725,7 +730,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="2-D target: a distribution name or a points file (default: recorded)")
     p.add_argument("--source-file", default=None, help=f"2-D: {SOURCE_FILE_HELP}")
     p.add_argument("--data-config", default=None,
-                   help="images: a run's .hydra/config.yaml (default: the checkpoint's run)")
+                   help="a run's .hydra/config.yaml: the image data, or a 2-D target (default: the checkpoint's run)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="generated samples (default 2000 points, 10000 images)")
     p.add_argument("--num-likelihood", type=int, default=1000, help="data points whose NLL / bits/dim are averaged")

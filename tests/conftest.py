@@ -20,6 +20,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per CPU this process may run on (psutil, when installed, would
+    count the whole host's cores)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def compose_config(overrides: list[str], output_dir: str | os.PathLike | None = None) -> DictConfig:
     """Compose ``configs/train.yaml`` with ``overrides``; ``paths.output_dir`` points at ``output_dir``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -50,6 +50,17 @@ def test_default_output_is_beside_the_run_and_target_can_be_overridden(ckpt, cap
     assert "eval/nll" not in report["metrics"]
 
 
+def test_a_given_data_config_overrides_the_recorded_target(ckpt, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  target: scurve\n")
+    out = ["--metrics", "w2", "--num-samples", "50", "--out"]
+    assert evaluate.main([str(ckpt), "--data-config", str(config), *out, str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["target"].startswith("SCurve(")
+    config.write_text("data:\n  dim: 2\n")
+    assert evaluate.main([str(ckpt), "--data-config", str(config), *out, str(tmp_path / "b")]) == 2
+    assert "has no data.target; pass --target" in capsys.readouterr().err
+
+
 def test_target_comes_from_the_run_config_when_the_checkpoint_lacks_it(ckpt, tmp_path):
     """Checkpoints written before the target was recorded: the run's .hydra/config.yaml says it."""
     raw = torch.load(ckpt, weights_only=True)

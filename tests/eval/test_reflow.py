@@ -120,6 +120,18 @@ def test_pairs_must_be_trained_with_the_source_and_target_they_connect(tmp_path)
     assert ToyDataModule("gaussian", "8gaussians", pairs=old).pairs == old
 
 
+def test_pairs_whose_points_file_target_has_moved_take_the_one_given(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    x0 = torch.randn(20, 2)
+    path = save_pairs(tmp_path / "p.npz", x0, 2 * x0,
+                      target=distribution_record(make_distribution(str(tmp_path / "a.npy"), dim=2)))
+    (tmp_path / "b.npy").write_bytes((tmp_path / "a.npy").read_bytes())
+    with pytest.raises(ValueError, match="drawn for data.target=.*a.npy"):  # the recorded file still exists
+        ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path)
+    (tmp_path / "a.npy").unlink()
+    assert ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path).pairs == path
+
+
 def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
     from fm_lightning.flow.couplings import ExactOTCoupling
     from fm_lightning.flow.objective import CFMObjective
