@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
 import shlex
 import warnings
@@ -86,7 +87,7 @@ class Gaussian(Distribution):
     """
 
     def __init__(self, dim: int | list[int] = 2, std: float = 1.0) -> None:
-        self.dim = dim if isinstance(dim, int) else [int(d) for d in dim]
+        self.dim = int(dim) if isinstance(dim, numbers.Integral) else [int(d) for d in dim]
         self.std = float(std)
         _check(self, "dim", min(self.shape, default=0) >= 1, "a whole number >= 1 (or a list of them)")
         _check(self, "std", _positive(self.std), "> 0 and finite")
@@ -444,10 +445,17 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         raise ValueError("distribution 'points' needs a file: give its path instead, e.g. data.target=my_points.npy")
     if name == "gaussian" and dim is not None:
         kwargs.setdefault("dim", dim)
-    try:
-        return DISTRIBUTIONS[name](**kwargs)
-    except TypeError as err:
-        raise TypeError(f"bad arguments for distribution {name!r}: {err}") from err
+    params = inspect.signature(DISTRIBUTIONS[name]).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        known = ", ".join(k if p.default is p.empty else f"{k} (default {p.default})" for k, p in params.items())
+        raise ValueError(f"distribution {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {known or 'none'}")
+    for key, value in kwargs.items():
+        default = params[key].default
+        if type(default) in (int, float) and isinstance(value, (str, bool)):
+            raise ValueError(f"distribution {name!r}: {key} must be a number, got {value!r}")
+    return DISTRIBUTIONS[name](**kwargs)
 
 
 def distribution_record(dist: Distribution | dict) -> str:

@@ -243,6 +243,7 @@ class ReflowChain(_HydraCallback):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fm_lightning.reflow CKPT --out pairs.npz``: write reflow pairs of a checkpoint."""
+    from .flow.solve import SOLVERS, check_solver_options
     from .sample import SOURCE_FILE_HELP
 
     p = argparse.ArgumentParser(prog="python -m fm_lightning.reflow", description=main.__doc__)
@@ -250,9 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="pairs.npz", help="output .npz (arrays x0, x1)")
     p.add_argument("--num-pairs", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=10_000)
-    p.add_argument("--solver", default="dopri5")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of adaptive solvers")
+    p.add_argument("--solver", choices=SOLVERS, default="dopri5")
+    p.add_argument("--steps", type=int, default=None, help="steps of euler/midpoint/rk4 (default 100)")
+    p.add_argument("--atol", type=float, default=None, help="dopri5/tsit5 absolute tolerance (default 1e-5)")
+    p.add_argument("--rtol", type=float, default=None, help="dopri5/tsit5 relative tolerance (default 1e-5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source-file", default=None, help=SOURCE_FILE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -268,13 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out {args.out} is a folder; give a file path, e.g. {os.path.join(args.out, 'pairs.npz')}")
         if os.path.exists(args.out) and not args.overwrite:
             raise ValueError(f"--out {args.out} already exists; choose another file, or pass --overwrite to replace it")
+        check_solver_options(args.solver, args.steps, args.atol, args.rtol)
         model = load_model(args.ckpt, args.source_file)
         records = {"source": distribution_record(model.source)}
         target = (read_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}).get("target")
         if target is not None:  # recorded by ToyDataModule
             records["target"] = distribution_record(target)
-        x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, args.steps,
-                                     args.tol, args.tol, args.seed, progress=not args.no_progress)
+        x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver,
+                                     100 if args.steps is None else args.steps,
+                                     1e-5 if args.atol is None else args.atol, 1e-5 if args.rtol is None else args.rtol,
+                                     args.seed, progress=not args.no_progress)
         path = save_pairs(args.out, x0, x1, nfe=nfe, **records)
     except (ValueError, FileNotFoundError) as err:
         print(f"reflow: error: {err}", file=sys.stderr)

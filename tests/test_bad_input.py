@@ -251,6 +251,8 @@ CASES = {
                                     "(moved since training?); pass --source-file"),
     "reflow a moved source file": (fm_reflow("{root}/moved_source.ckpt", "--out", "{root}/p.npz"),
                                    "(moved since training?); pass --source-file"),
+    "reflow steps for its adaptive solver": (fm_reflow(EARLIER_CKPT, "--steps", "10", "--out", "{root}/p.npz"),
+                                             "--steps applies to the fixed-step solvers"),
 }
 
 

@@ -336,8 +336,10 @@ def test_make_distribution_from_dict_and_instance():
     assert isinstance(d, Gaussian) and d.std == 2.0 and d.dim == 3
     inst = Moons()
     assert make_distribution(inst) is inst
-    with pytest.raises(TypeError, match="bad arguments"):
+    with pytest.raises(ValueError, match=r"'moons' has no parameter 'radius'; its parameters: noise \(default 0.2\)"):
         make_distribution("moons", radius=3)
+    with pytest.raises(ValueError, match="'circles': factor must be a number, got 'abc'"):
+        make_distribution({"name": "circles", "factor": "abc"})
 
 
 # ---- ToyDataModule -------------------------------------------------------------------------
