@@ -307,11 +307,16 @@ class ImageDataModule(L.LightningDataModule):
         try:
             return cls(self.root, train=train, download=download)
         except (RuntimeError, AssertionError, ValueError, OSError) as err:  # missing, or corrupt files
-            if download:
-                raise
+            root, expected = os.path.abspath(self.root), os.path.join(self.root, _TV_FILES[self.dataset])
+            if download:  # torchvision's error spans lines: one line here
+                raise FileNotFoundError(
+                    f"downloading {self.dataset} into root={root!r} failed ({' '.join(str(err).split())}); without "
+                    f"network access, place the files there yourself ({expected}) and set download=false (fm-train: "
+                    "data.download=false)"
+                ) from err
             raise FileNotFoundError(
-                f"{self.dataset} was not found (or is corrupted) under root={os.path.abspath(self.root)!r}: expected "
-                f"{os.path.join(self.root, _TV_FILES[self.dataset])}. Fetch it with download=true (fm-train: "
+                f"{self.dataset} was not found (or is corrupted) under root={root!r}: expected "
+                f"{expected}. Fetch it with download=true (fm-train: "
                 f"data.download=true), or point root (fm-train: data.root) at the folder that holds it ({err})"
             ) from err
 

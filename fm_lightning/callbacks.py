@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .flow.solve import Solver, check_solver
-from .metrics import FID, wasserstein2
+from .metrics import FID, check_reference_path, wasserstein2
 from .progress import num_examples, track
 
 __all__ = ["SampleCallback", "FIDCallback", "EMA", "FinalValidation", "model_weights", "save_image_grid", "log_image"]
@@ -233,12 +233,19 @@ def model_weights(trainer: L.Trainer, pl_module: L.LightningModule, ema: bool = 
         yield
 
 
-def _check_guidance(pl_module: Any, guidance: float | None, key: str) -> None:
-    """Refuse, before training, a guidance scale the module cannot sample with."""
+def _check_guidance(pl_module: Any, guidance: float | None, callback: str) -> None:
+    """Refuse, before training, a guidance scale the module cannot sample with. ``callback``
+    names the callback in the message (it does not know its config key)."""
     try:
         pl_module._sampling_labels(_fixed_labels(pl_module, 1), 1, guidance)
     except ValueError as err:
-        raise ValueError(f"{key}.guidance: {err} (set {key}.guidance=null)") from None
+        raise ValueError(f"{callback}: {err} (set this callback's guidance to null)") from None
+
+
+def _nth_validation(callback: Any) -> bool:
+    """Count a validation of fit on ``callback``; whether it is an ``every_n_validations``-th one."""
+    callback._validations += 1
+    return callback._validations % callback.every_n_validations == 0
 
 
 def _fixed_labels(pl_module: Any, n: int) -> Tensor | None:
@@ -249,6 +256,7 @@ def _fixed_labels(pl_module: Any, n: int) -> Tensor | None:
 
 class SampleCallback(L.Callback):
     """Integrates the learned ODE from fixed source points after validation and at fit end.
+    ``trainer.validate`` logs the same metrics, but writes no plots (they stay those of fit).
 
     Logs ``val/nfe`` and, for 2-D data, ``val/w2`` (exact OT against fresh target samples, when
     the datamodule has a ``target`` distribution) and the straightness of the learned flow:
@@ -327,7 +335,7 @@ class SampleCallback(L.Callback):
         check_solver(**{k: pl_module.hparams[k] if v is None else v for k, v in self.solver_kwargs.items()})
         self._x0 = pl_module.source.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         self._cond = _fixed_labels(pl_module, self.num_samples)
-        _check_guidance(pl_module, self.guidance, "callbacks.samples")
+        _check_guidance(pl_module, self.guidance, "SampleCallback")
         target = self._x0.dim() != 4 and getattr(trainer.datamodule, "target", None) is not None
         straight = target and self.straightness and self._cond is None and self._x0.dim() == 2
         self.metric_keys = {"val/nfe"} | ({"val/w2"} if target else set()) | (
@@ -336,12 +344,16 @@ class SampleCallback(L.Callback):
         self._dir = self.dirpath or trainer.log_dir or trainer.default_root_dir
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking:
             return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
-            for key, value in self.evaluate(trainer, pl_module).items():
-                pl_module.log(key, value, prog_bar=True)
+        if trainer.state.fn != "fit":  # trainer.validate: the metrics of fit's validations, no plots
+            metrics = self._metrics(trainer, pl_module, plots=False)
+        elif _nth_validation(self):
+            metrics = self.evaluate(trainer, pl_module)
+        else:
+            return
+        for key, value in metrics.items():
+            pl_module.log(key, value, prog_bar=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self._last_step != trainer.global_step:
@@ -381,10 +393,15 @@ class SampleCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
         """Sample, compute metrics, and (on rank zero) save and log the plots."""
         self._last_step = trainer.global_step
+        return self._metrics(trainer, pl_module)
+
+    def _metrics(self, trainer: L.Trainer, pl_module: Any, plots: bool = True) -> dict[str, float]:
+        """Sample and compute the metrics; with ``plots``, rank zero also saves and logs the plots."""
+        plots = plots and trainer.is_global_zero
         with model_weights(trainer, pl_module, self.use_ema):
             if self._x0.dim() == 4:
-                return self._evaluate_images(trainer, pl_module)
-            return self._evaluate_points(trainer, pl_module)
+                return self._evaluate_images(trainer, pl_module, plots)
+            return self._evaluate_points(trainer, pl_module, plots)
 
     def _sample(self, pl_module: Any, n: int | None = None, **kwargs: Any):
         cond = None if self._cond is None else self._cond[:n]
@@ -400,11 +417,11 @@ class SampleCallback(L.Callback):
         write(path)
         log_image(trainer, key, path)
 
-    def _evaluate_images(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+    def _evaluate_images(self, trainer: L.Trainer, pl_module: Any, plots: bool) -> dict[str, float]:
         sol = self._sample(pl_module)
         metrics = {"val/nfe": float(sol.nfe)}
         self.last_metrics = metrics
-        if trainer.is_global_zero:
+        if plots:
             k = int(getattr(pl_module, "num_classes", 0) or 0)
             nrow = k if k else math.ceil(math.sqrt(self.num_samples))
             self._save(trainer, "grid.png", "samples/grid", lambda p: save_image_grid(sol.x, p, nrow))
@@ -430,7 +447,7 @@ class SampleCallback(L.Callback):
         w2_squared = wasserstein2(self._x0, target) ** 2
         return {"val/path_energy": energy, "val/npe": normalized_path_energy(energy, w2_squared)}
 
-    def _evaluate_points(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+    def _evaluate_points(self, trainer: L.Trainer, pl_module: Any, plots: bool) -> dict[str, float]:
         sol = self._sample(pl_module)
         samples = sol.x.cpu()
         metrics = {"val/nfe": float(sol.nfe)}
@@ -443,7 +460,7 @@ class SampleCallback(L.Callback):
             if "val/npe" in self.metric_keys:
                 metrics.update(self._straightness(pl_module, target))
         self.last_metrics = metrics
-        if trainer.is_global_zero and samples.dim() == 2:
+        if plots and samples.dim() == 2:
             traj = self._sample(pl_module, self.num_trajectories, num_saves=self.num_saves or 50)
             figures = {
                 "samples": _scatter_figure(samples, target if target is not None else samples, self._x0),
@@ -477,7 +494,8 @@ class FIDCallback(L.Callback):
         solver, steps, atol, rtol: ODE solver settings (default: the module's).
         guidance: classifier-free guidance scale for conditional models (labels are balanced:
             image ``i`` gets class ``i % K``).
-        every_n_validations: also evaluate after every n-th validation (0: only at fit end).
+        every_n_validations: also evaluate after every n-th validation of fit, and in every
+            ``trainer.validate`` (0: only at fit end).
         at_train_end: evaluate when fit ends.
         key: metric name; the mean NFE per sample batch goes to ``{key}_nfe``.
         seed: seed of the noise (rank r uses ``seed + r``).
@@ -527,7 +545,8 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         if self.fid is not None:
             return
-        _check_guidance(pl_module, self.guidance, "callbacks.fid")
+        _check_guidance(pl_module, self.guidance, f"FIDCallback (key {self.key})")
+        check_reference_path(self.reference)
         datamodule = trainer.datamodule
         # Rank zero decides, so that every rank takes the same (collective) path.
         cached = self.reference is not None and trainer.strategy.broadcast(os.path.isfile(self.reference))
@@ -563,12 +582,13 @@ class FIDCallback(L.Callback):
         return self.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
+        if trainer.sanity_checking or not self.every_n_validations:
             return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
-            for key, value in self.evaluate(trainer, pl_module).items():
-                pl_module.log(key, value)
+        # trainer.validate always evaluates (the FID that fit's validations log)
+        if trainer.state.fn == "fit" and not _nth_validation(self):
+            return
+        for key, value in self.evaluate(trainer, pl_module).items():
+            pl_module.log(key, value)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.at_train_end and self._last_step != trainer.global_step:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 
-__all__ = ["per_device_batch_size", "seed_rank", "check_devices", "skip_nvml_check_without_nvml"]
+__all__ = ["per_device_batch_size", "seed_rank", "check_devices", "check_num_nodes", "skip_nvml_check_without_nvml"]
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
@@ -77,6 +79,18 @@ def check_devices(accelerator: str | None, devices: int | str | list | None, pre
         raise ValueError(
             f"precision={precision} stores the weights in that type, but sampling and its metrics run in fp32; "
             "use trainer.precision=bf16-mixed (or 16-mixed on GPUs) for reduced-precision training"
+        )
+
+
+def check_num_nodes(num_nodes: int, cluster_environment: Any) -> None:
+    """Refuse ``num_nodes > 1`` when Lightning found no cluster environment (SLURM, torchrun, ...)
+    and no ``NODE_RANK`` was set by hand: the process would wait forever for the other nodes."""
+    if num_nodes > 1 and isinstance(cluster_environment, LightningEnvironment) and "NODE_RANK" not in os.environ:
+        raise ValueError(
+            f"trainer.num_nodes={num_nodes} needs the processes on every node started by a cluster launcher, but none "
+            f"was found (training would wait forever for the other nodes); launch fm-train with srun (SLURM) or "
+            f"torchrun --nnodes={num_nodes} (or by hand with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node), "
+            "or set trainer.num_nodes=1"
         )
 
 

@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalized_path_energy, path_energy
 from .flow.solve import SOLVERS, check_solver, check_solver_options
-from .metrics import rbf_mmd2, wasserstein2
+from .metrics import check_reference_path, rbf_mmd2, wasserstein2
 from .progress import num_examples, track
 from .sample import SOURCE_FILE_HELP, load_model
 
@@ -302,8 +303,12 @@ def _fixed_labels(model: Any, n: int) -> Tensor | None:
 def _check_data_fits(model: Any, datamodule: Any) -> None:
     """Refuse image data whose shape (C, H, W) is not the model's, or whose labels do not fit a
     class-conditional model."""
-    shape = tuple(datamodule.shape)
     drawn = tuple(model.source.sample(1, torch.Generator()).shape[1:])
+    if getattr(datamodule, "shape", None) is None:
+        raise ValueError(f"the data ({type(datamodule).__name__}) are not images but the model's are images of "
+                         f"shape {drawn}; evaluate it on the data it was trained on (--data-config "
+                         "<its run>/.hydra/config.yaml)")
+    shape = tuple(datamodule.shape)
     if shape != drawn:
         raise ValueError(f"the data are images of shape {shape} but the model's are {drawn}; evaluate it on "
                          "the data it was trained on (--data-config <its run>/.hydra/config.yaml)")
@@ -318,6 +323,8 @@ def _check_guidance(model: Any, guidance: float | None, samples: bool) -> None:
     images are generated (``samples`` false: bits/dim only)."""
     if guidance is None:
         return
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance={guidance} is not a finite number; give a finite --guidance (1: none)")
     if not model.num_classes:
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model, but this one is unconditional; "
                          "drop --guidance")
@@ -326,16 +333,28 @@ def _check_guidance(model: Any, guidance: float | None, samples: bool) -> None:
                          "log p(x|y) of the unguided model; drop --guidance")
 
 
-def _heldout_split(datamodule: Any) -> str | None:
-    """The name of the datamodule's held-out split (``data_val``: validation or test), or ``None``
-    when it holds none out."""
+def _heldout_split(datamodule: Any, trained: Any = None) -> tuple[str | None, str | None]:
+    """The name of the datamodule's held-out split (``data_val``: validation or test) and ``None``,
+    or ``None`` and why there is none to measure bits/dim on: it holds none out, or its validation
+    images were not held out of the training data ``trained`` (the datamodule the model was
+    trained on, ``None``: not known)."""
     datamodule.setup("fit")
     if datamodule.data_val is None:
-        return None
+        return None, ("bits/dim needs held-out images, but the data hold none out (val_fraction=0); pass a "
+                      "--data-config with val_split: test (a dataset with a test split)")
     if datamodule.val_split == "test":
-        return "test split"
+        return "test split", None
+    if trained is not None and trained.dataset == datamodule.dataset and not (
+            trained.val_split == "holdout" and trained.seed == datamodule.seed
+            and datamodule.val_fraction <= trained.val_fraction):
+        return None, (
+            f"bits/dim needs held-out images, but the validation split of the data (val_fraction="
+            f"{datamodule.val_fraction:g}, seed {datamodule.seed}) was trained on (training: val_split="
+            f"{trained.val_split}, val_fraction={trained.val_fraction:g}, seed {trained.seed}); pass a --data-config "
+            "with val_split: test (a dataset with a test split), or the val_fraction and seed of training"
+        )
     return (f"validation split (val_fraction={datamodule.val_fraction:g} of the train split held out, "
-            f"seed {datamodule.seed})")
+            f"seed {datamodule.seed})"), None
 
 
 def evaluate_images(
@@ -358,6 +377,7 @@ def evaluate_images(
     likelihood_tol: float = 1e-5,
     sweep: bool = False,
     progress: bool = True,
+    trained_data: Any = None,
 ) -> dict[str, Any]:
     """Evaluate an image model: FID of generated images against the train split, bits/dim of
     held-out real ones.
@@ -383,6 +403,8 @@ def evaluate_images(
         likelihood_tol: atol = rtol of the dopri5 likelihood integration.
         sweep: also run the NFE sweep (FID at every setting; costly).
         progress: show progress bars (reference statistics, samples, bits/dim, sweep).
+        trained_data: the datamodule the model was trained on (not set up), when ``datamodule``
+            is another: bits/dim refuse validation images that were not held out of it.
 
     Returns:
         ``{"metrics": {...}, "skipped": {name: reason}, "sweep": [rows]}``, with ``bpd_data``
@@ -395,6 +417,7 @@ def evaluate_images(
     names, explicit = _check_metrics(metrics, "images")
     _check_guidance(model, guidance, "fid" in names or sweep)
     _check_data_fits(model, datamodule)
+    check_reference_path(fid_reference)
     out: dict[str, float] = {}
     skipped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
@@ -427,11 +450,8 @@ def evaluate_images(
     if "fid" in names:
         out["eval/fid"], out["eval/nfe"] = generate(kw)
     if "bpd" in names:
-        problem = _density_problem(model) if not model.num_classes else None
-        split = _heldout_split(datamodule)
-        if split is None and problem is None:
-            problem = ("bits/dim needs held-out images, but the data hold none out (val_fraction=0); pass a "
-                       "--data-config with val_fraction > 0 or val_split: test")
+        split, no_split = _heldout_split(datamodule, trained_data)
+        problem = (_density_problem(model) if not model.num_classes else None) or no_split
         if problem and explicit:
             raise ValueError(problem)
         if problem:
@@ -489,18 +509,29 @@ def _run_config(ckpt: Path, data_config: str | None) -> Any:
     """The ``data`` node of ``--data-config``, else of the run's config beside the checkpoint
     (``fm-train``: ``.hydra/config.yaml``; ``fm-cli``: the version folder's ``config.yaml``), in
     Hydra's ``_target_`` form, relative paths taken from fm-train's launch directory."""
-    from omegaconf import OmegaConf
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
 
     run_dir = ckpt.resolve().parents[1]
     path = Path(data_config) if data_config else next(
         (p for p in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml") if p.is_file()), None)
+    if data_config and path.is_dir():
+        raise ValueError(f"--data-config {data_config!r} is a folder; give a run's config file, "
+                         f"such as {path / '.hydra' / 'config.yaml'}")
     if data_config and not path.is_file():
         raise FileNotFoundError(f"--data-config {data_config!r} does not exist")
     if path is None:
         return None
-    cfg = OmegaConf.load(path)
-    if cfg.get("data") is None:
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ValueError(f"the config {str(path)!r} is not valid YAML ({' '.join(str(err).split())}); "
+                         "give a run's .hydra/config.yaml") from None
+    if not isinstance(cfg, DictConfig) or cfg.get("data") is None:
         return None
+    if not isinstance(cfg.data, DictConfig):
+        raise ValueError(f"the config {str(path)!r} has data: {OmegaConf.to_yaml(cfg.data).strip()!r}, not a "
+                         "mapping of data settings; give a run's .hydra/config.yaml")
     try:  # resolve ${seed}, ${paths...} against the whole run config
         data = OmegaConf.to_container(cfg.data, resolve=True)
     except Exception as err:  # noqa: BLE001 - e.g. a ${hydra:...} resolver outside a Hydra run
@@ -541,18 +572,32 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
     )
 
 
-def _datamodule_of(ckpt: Path, data_config: str | None, model: Any) -> Any:
-    """The image datamodule of the run's config (or ``data_config``), checked against ``model``
-    before it loads any data."""
+def _build_data(ckpt: Path, data_config: str | None) -> Any:
+    """The datamodule of the run's config (or ``data_config``), built but not set up; ``None``
+    without a config."""
     import hydra
+    from hydra.errors import InstantiationException
 
     data = _run_config(ckpt, data_config)
     if data is None:
+        return None
+    try:
+        return hydra.utils.instantiate(data)
+    except InstantiationException as err:
+        where = f"--data-config {data_config!r}" if data_config else "the run's config"
+        raise ValueError(f"cannot build the data of {where}: {' '.join(str(err.__cause__ or err).split())}; fix its "
+                         "data settings") from None
+
+
+def _datamodule_of(ckpt: Path, data_config: str | None, model: Any) -> Any:
+    """The image datamodule of the run's config (or ``data_config``), checked against ``model``
+    before it loads any data."""
+    datamodule = _build_data(ckpt, data_config)
+    if datamodule is None:
         raise ValueError(
             "image evaluation needs the training data; put the checkpoint in its fm-train run directory "
             "(with .hydra/config.yaml) or pass --data-config <run>/.hydra/config.yaml"
         )
-    datamodule = hydra.utils.instantiate(data)
     _check_data_fits(model, datamodule)
     try:
         datamodule.prepare_data()
@@ -619,6 +664,7 @@ def evaluate_checkpoint(
         raise ValueError(f"output folder {out} is a file; pass another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} already holds an evaluation; pass another --out, or --overwrite to write over it")
+    check_reference_path(image_only.get("fid_reference"))
     model = load_model(ckpt, source_file, map_location=device, ema=ema)
     kind = data_kind(model)
     _check_metrics(metrics, kind)  # a metric of the wrong kind fails before any work
@@ -644,7 +690,13 @@ def evaluate_checkpoint(
                              "come from the run's config, or --data-config)")
         datamodule = _datamodule_of(ckpt, data_config, model)
         report["data"] = getattr(datamodule, "reference_name", type(datamodule).__name__)
-        result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs)
+        trained = None
+        if data_config and "bpd" in (metrics or ["bpd"]):  # which images training held out
+            try:
+                trained = _build_data(ckpt, None)
+            except ValueError as err:
+                log.warning("cannot check which images the run held out for bits/dim: %s", err)
+        result = evaluate_images(model, datamodule, metrics, **image_only, **kwargs, trained_data=trained)
     report.update(result)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("nfe_sweep.csv", "nfe_sweep.png"):  # an earlier --sweep's, when overwriting without one
@@ -743,7 +795,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
     p.add_argument("--batch-size", type=int, default=250, help="images integrated at once")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (conditional image models)")
-    p.add_argument("--fid-weights", default=None, help="local Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-weights", default=None,
+                   help="local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--fid-reference", default=None, help=".npz of FID reference statistics (read, or written if new)")
     p.add_argument("--num-reference", type=int, default=None,
                    help="FID reference statistics from the first n training images (default: all of them)")

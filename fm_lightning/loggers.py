@@ -6,6 +6,7 @@ import csv
 import logging
 import netrc
 import os
+from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
@@ -47,6 +48,9 @@ class WandbLogger(_LightningWandbLogger):
     def __init__(self, *args, offline: bool = False, log_model: bool | str = False, **kwargs) -> None:
         env_mode = os.environ.get("WANDB_MODE", "")
         if not offline and env_mode not in ("offline", "dryrun", "disabled") and not wandb_has_credentials():
+            if log_model:
+                raise ValueError("logger.wandb.log_model needs an online W&B run, but W&B has no credentials; run "
+                                 "`wandb login` (or set WANDB_API_KEY), or set log_model=false")
             log.warning(
                 "W&B has no credentials (set WANDB_API_KEY or run `wandb login`); logging OFFLINE to the run "
                 "directory instead. Sync later with `wandb sync <run dir>/wandb/offline-run-*`."
@@ -58,6 +62,11 @@ class WandbLogger(_LightningWandbLogger):
             kwargs["mode"] = "offline"
         super().__init__(*args, offline=False, log_model=log_model, **kwargs)
         self.offline_mode = offline
+
+    @rank_zero_only
+    def save_run_id(self, path: str | os.PathLike) -> None:
+        """Start the W&B run and write its id to ``path``, from where a resume of the run reads it."""
+        Path(path).write_text(self.experiment.id)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close this run so that the next run in the process (a sweep) starts a new one; a

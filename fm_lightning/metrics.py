@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
+import re
 import zipfile
 from collections.abc import Iterable
 
@@ -11,7 +15,11 @@ from torch import Tensor
 
 from .progress import num_examples, track
 
-__all__ = ["wasserstein2", "rbf_mmd2", "FID", "to_uint8"]
+__all__ = ["wasserstein2", "rbf_mmd2", "FID", "to_uint8", "fingerprint", "check_reference_path"]
+
+#: torch-fidelity's Inception-v3 weights, which it downloads when no local file is given.
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
 
 
 def wasserstein2(x: Tensor, y: Tensor) -> float:
@@ -58,6 +66,40 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of ``module``'s state dict (names, dtypes, shapes and values): two extractors
+    of one class with other weights get other fingerprints."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{flat.dtype}:{tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_reference_path(path: str | None) -> None:
+    """Refuse a reference statistics path that names a folder (before any statistics are computed)."""
+    if path is not None and os.path.isdir(path):
+        raise ValueError(f"FID reference {path!r} is a folder; give the path of an .npz file, such as "
+                         f"{os.path.join(path, 'reference.npz')}")
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """One line of ``load_state_dict``'s error: how many keys are missing, unexpected or of
+    another shape, with the first few names."""
+    parts = []
+    for what, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                          ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        found = re.search(pattern, message)
+        names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if names:
+            parts.append(f"{len(names)} {what} keys ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", message)
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})")
+    return "; ".join(parts) or message.splitlines()[0]
+
+
 class _Injected(torch.nn.Module):
     """Adapts a user's extractor to torchmetrics: uint8 in, ``extractor(x in [-1, 1])`` out."""
 
@@ -85,7 +127,12 @@ class FID:
             ``torch-fidelity`` and its weights), or an ``nn.Module`` with an int attribute
             ``num_features`` that maps float images (B, C, H, W) in [-1, 1] to (B, num_features).
         weights_path: a local copy of torch-fidelity's Inception weights
-            (``pt_inception-2015-12-05-6726825d.pth``), for machines that cannot download them.
+            (``weights-inception-2015-12-05-6726825d.pth``, :data:`INCEPTION_URL`), for machines
+            that cannot download them.
+
+    Attributes:
+        name: the extractor's identity, with a fingerprint of its weights; cached reference
+            statistics of another are refused.
     """
 
     def __init__(self, feature: int | torch.nn.Module = 2048, weights_path: str | None = None) -> None:
@@ -93,7 +140,10 @@ class FID:
 
         self.inception = isinstance(feature, int)
         if self.inception:
-            self.name = f"inception-v3-{feature}"
+            if weights_path is not None and not os.path.isfile(weights_path):
+                what = "is a folder" if os.path.isdir(weights_path) else "does not exist"
+                raise FileNotFoundError(f"the Inception weights file weights_path={weights_path!r} {what}; give "
+                                        f"the path of a local copy of {INCEPTION_URL}")
             try:
                 self.metric = FrechetInceptionDistance(
                     feature=feature, reset_real_features=False, feature_extractor_weights_path=weights_path
@@ -103,15 +153,24 @@ class FID:
                     f"FID with Inception features needs torch-fidelity ({err}); `pip install torch-fidelity`, "
                     "or inject a feature extractor (feature=<nn.Module>)"
                 ) from err
-            except (OSError, RuntimeError, ValueError) as err:
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                if weights_path is not None:
+                    raise ValueError(
+                        f"weights_path={weights_path!r} does not hold torch-fidelity's Inception-v3 weights "
+                        f"({type(err).__name__}: {_state_dict_mismatch(str(err))}); give the path of a local copy "
+                        f"of {INCEPTION_URL}"
+                    ) from None
                 raise ValueError(
-                    f"cannot load the Inception-v3 weights ({type(err).__name__}: {err}). Without network access, "
-                    "give weights_path=<local pt_inception-2015-12-05-6726825d.pth>, or inject a feature extractor"
+                    f"cannot download the Inception-v3 weights ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                    f"without network access, give weights_path=<local copy of {INCEPTION_URL}>, or inject a "
+                    "feature extractor"
                 ) from err
+            self.name = f"inception-v3-{feature}-{fingerprint(self.metric.inception)}"
         else:
             if not isinstance(getattr(feature, "num_features", None), int):
                 raise TypeError(f"an injected FID feature extractor needs an int attribute num_features, got {feature!r}")
-            self.name = f"{type(feature).__module__}.{type(feature).__qualname__}-{feature.num_features}"
+            self.name = (f"{type(feature).__module__}.{type(feature).__qualname__}-{feature.num_features}-"
+                         f"{fingerprint(feature)}")
             self.metric = FrechetInceptionDistance(feature=_Injected(feature), reset_real_features=False)
         self.metric.eval()
 
@@ -180,15 +239,18 @@ class FID:
     def save_reference(self, path: str, source: str, rank: int = 0) -> None:
         """Write :meth:`reference` (with the extractor's and the images' names) to an ``.npz``.
         Under DDP every rank must call it (the statistics are summed); rank zero writes."""
-        import os
-
+        check_reference_path(path)
         stats = self.reference()
         if rank != 0:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp.npz"
-        np.savez(tmp, **stats, extractor=np.array(self.name), source=np.array(source))
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, **stats, extractor=np.array(self.name), source=np.array(source))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def load_reference(self, path: str, source: str | None = None, num_images: int | None = None,
                        rank: int = 0) -> None:
@@ -214,7 +276,7 @@ class FID:
             if num_images is not None and "n" in z.files and int(z["n"]) != num_images:
                 raise ValueError(
                     f"FID reference file {path!r} holds the statistics of {int(z['n'])} images, not of the "
-                    f"{num_images} asked for; ask for {int(z['n'])} (fm-train: callbacks.fid.num_reference, fm-eval: "
+                    f"{num_images} asked for; ask for {int(z['n'])} (the FID callback's num_reference, fm-eval: "
                     "--num-reference), delete it to recompute, or point reference at another file"
                 )
             self.set_reference(z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else 50_000, rank)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -338,6 +339,14 @@ class FlowMatchingModule(L.LightningModule):
                 f"{cond.min().item()}..{cond.max().item()}"
             )
         guidance = 1.0 if guidance is None else float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance={guidance} is not a finite number; give a finite guidance scale (1: none)")
+        if guidance != 1 and bool((cond == self.num_classes).all()):
+            raise ValueError(
+                f"guidance={guidance:g} needs class labels, but all labels are the null class (unconditional "
+                "samples), on which guidance has no effect; give class labels (fm-sample: --class K or all), or "
+                "drop the guidance scale"
+            )
         if guidance != 1 and self.hparams.cond_drop_prob == 0:
             rank_zero_warn(
                 f"guidance={guidance} mixes in the null-class velocity, but this model was trained with "

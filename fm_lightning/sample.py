@@ -121,6 +121,8 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
     from .reliability import read_checkpoint
     from .spec import from_spec
 
+    if source_file is not None and _takes_images(read_checkpoint(ckpt)["hyper_parameters"]):
+        raise ValueError("--source-file draws x0 points, but this model takes images; leave --source-file out")
     try:
         source = None if source_file is None else Points(source_file)
     except (ValueError, FileNotFoundError) as err:
@@ -151,6 +153,16 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
             + (f"{dim}-dimensional ones; give a file of shape (N, {dim})" if dim else "images; leave it out")
         )
     return model
+
+
+def _takes_images(hparams: dict) -> bool:
+    """Whether the checkpoint's recorded source (``hparams["source"]``) draws images."""
+    from .spec import from_spec
+
+    try:
+        return from_spec(hparams["source"]).sample(1).dim() == 4
+    except (FileNotFoundError, ValueError, TypeError):  # a points file that has moved, or a source this
+        return False  # version cannot rebuild (load_checkpoint says so)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,11 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = ["WarmupConstant", "WarmupCosine", "fit_to_max_steps"]
 
 
+def _setting(name: str) -> str:
+    """A scheduler setting as error messages name it, for fm-train and for fm-cli."""
+    return f"model.lr_scheduler.{name} (fm-cli: --model.lr_scheduler.init_args.{name})"
+
+
 class _Schedule(LambdaLR):
     """A ``LambdaLR`` whose settings (:attr:`settings`) come from the config, not the checkpoint:
     a run resumed with a longer ``trainer.max_steps`` follows the longer schedule."""
@@ -55,19 +60,20 @@ class WarmupCosine(_Schedule):
     ) -> None:
         if not (math.isfinite(final_lr_ratio) and 0 <= final_lr_ratio <= 1):
             raise ValueError(f"WarmupCosine needs 0 <= final_lr_ratio <= 1, got {final_lr_ratio}; "
-                             "set model.lr_scheduler.final_lr_ratio (0.01: decay to 1% of the learning rate)")
+                             f"set {_setting('final_lr_ratio')} (0.01: decay to 1% of the learning rate)")
         self.warmup_steps, self.final_lr_ratio = warmup_steps, final_lr_ratio
         self.total_steps: int | None = None
         if total_steps is not None:
-            self.set_total_steps(total_steps)
+            self.set_total_steps(total_steps, _setting("total_steps"))
         super().__init__(optimizer, self.factor)
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """Set the schedule's length (checked against ``warmup_steps``)."""
+    def set_total_steps(self, total_steps: int, origin: str = "trainer.max_steps") -> None:
+        """Set the schedule's length (checked against ``warmup_steps``); ``origin``: the setting it
+        comes from, which the error names."""
         if not 0 <= self.warmup_steps < total_steps:
             raise ValueError(
                 f"WarmupCosine needs 0 <= warmup_steps < total_steps, got {self.warmup_steps} and {total_steps}; "
-                "lower model.lr_scheduler.warmup_steps or raise trainer.max_steps"
+                f"lower {_setting('warmup_steps')} or raise {origin}"
             )
         self.total_steps = total_steps
 
@@ -86,6 +92,6 @@ def fit_to_max_steps(scheduler: object, max_steps: int) -> None:
     if getattr(scheduler, "total_steps", 0) is not None:
         return
     if max_steps < 1:
-        raise ValueError("model.lr_scheduler.total_steps=null follows trainer.max_steps, which is not set; "
+        raise ValueError(f"{_setting('total_steps')} is null, so it follows trainer.max_steps, which is not set; "
                          "set trainer.max_steps (or total_steps)")
     scheduler.set_total_steps(max_steps)

@@ -22,13 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationKeyError
 
 from .callbacks import FinalValidation
-from .distributed import check_devices
-from .loggers import CSVLogger
+from .distributed import check_devices, check_num_nodes, per_device_batch_size
+from .loggers import CSVLogger, WandbLogger
 from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
 
 __all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error", "exit_with_error"]
@@ -36,6 +36,8 @@ __all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error"
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+#: The run directory's record of its W&B run id, which a resume of the run continues.
+WANDB_ID_FILE = "wandb-run-id.txt"
 
 
 class UserError(Exception):
@@ -52,26 +54,43 @@ class JobFailed(CompactHydraException):
     job and prints this message, without a traceback."""
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a callbacks/logger group (``None`` entries are off)."""
-    if not group:
-        return []
-    return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+def _instantiate_all(cfg: DictConfig, name: str) -> list[Any]:
+    """Instantiate every entry of the callbacks/logger group ``cfg[name]`` (``null`` entries are
+    off). An entry without ``_target_`` is an error, unless the group is off (``callbacks=none``;
+    outside a Hydra run: no entry has one): what presets (``debug=fast``...) set for its
+    entries is then moot."""
+    entries = {key: entry for key, entry in (cfg.get(name) or {}).items() if entry is not None}
+    untargeted = [key for key, entry in entries.items() if not isinstance(entry, DictConfig) or "_target_" not in entry]
+    group_off = (HydraConfig.get().runtime.choices.get(name) == "none" if HydraConfig.initialized()
+                 else len(untargeted) == len(entries))
+    if untargeted and not group_off:
+        key = untargeted[0]
+        raise UserError(f"{name}.{key} has no _target_, so nothing would be built from it; give it one (e.g. "
+                        f"+{name}.{key}._target_=<class path>), or set {name}.{key}=null to turn it off")
+    return [hydra.utils.instantiate(entry) for key, entry in entries.items() if key not in untargeted]
+
+
+#: Files that only a run writes: a run directory holding one is an earlier run's.
+RUN_OUTPUTS = ("metrics.json", "csv/metrics.csv")
 
 
 def finished_run_error(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None) -> str | None:
-    """Why training must not write into ``output_dir``: it holds the checkpoints of an earlier
-    run, and ``ckpt_path`` is not one of them (resuming a run in place is allowed). ``None`` if
-    it may."""
+    """Why training must not write into ``output_dir``: it holds the checkpoints (or the
+    :data:`RUN_OUTPUTS`) of an earlier run, and ``ckpt_path`` is not one of its checkpoints
+    (resuming a run in place is allowed). ``None`` if it may."""
     ckpt_dir = Path(output_dir) / "checkpoints"
-    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
-        return None
     if ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir.resolve():
         return None
-    return (
-        f"{output_dir} already holds checkpoints from an earlier run; refusing to overwrite them. "
-        f"Use a new hydra.run.dir, or resume that run with ckpt_path={ckpt_dir / 'last.ckpt'}"
-    )
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        return (
+            f"{output_dir} already holds checkpoints from an earlier run; refusing to overwrite them. "
+            f"Use a new hydra.run.dir, or resume that run with ckpt_path={ckpt_dir / 'last.ckpt'}"
+        )
+    found = [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
+    if found:
+        return (f"{output_dir} already holds the outputs of an earlier run ({', '.join(found)}); refusing to "
+                "overwrite them. Use a new hydra.run.dir")
+    return None
 
 
 def _check_output_dir(output_dir: str, ckpt_path: str | None) -> None:
@@ -123,10 +142,15 @@ class KeepFinishedRuns(Callback):
                 config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{n}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.get("ckpt_path")) == "last":
+            exit_with_error("ckpt_path=last resumes one run in its own directory, so every job of a sweep (-m) would "
+                            "train that same run; resume it without -m, or give the jobs ckpt_path=<file> to start "
+                            "each from that checkpoint in a directory of its own")
         sweep_dir = Path(config.hydra.sweep.dir)
-        if any(sweep_dir.glob("*/checkpoints/*")):
+        if any(finished_run_error(job, None) for job in sweep_dir.glob("*/")):
             exit_with_error(
-                f"{sweep_dir} already holds runs with checkpoints; refusing to overwrite them. Use a new hydra.sweep.dir"
+                f"{sweep_dir} already holds runs with checkpoints or metrics; refusing to overwrite them. Use a new "
+                "hydra.sweep.dir"
             )
 
 
@@ -209,8 +233,8 @@ def _read_metrics(output_dir: str) -> dict[str, Any]:
 def _continue_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
     """W&B conventions for the ``wandb`` logger, unless set: the jobs of one sweep share the
     group ``<task_name>_<sweep folder name>``, and a run resumed from ``ckpt_path`` continues
-    the W&B run of the checkpoint's run directory (``<run>/checkpoints/*.ckpt``; not for sweep
-    jobs, which each get a run of their own), else of the logger's ``save_dir``, with the same
+    the W&B run that the checkpoint's run directory (``<run>/checkpoints/*.ckpt``; not for sweep
+    jobs, which each get a run of their own) recorded in its :data:`WANDB_ID_FILE`, with the same
     ``id`` (W&B cannot resume an offline run: an offline session starts a new one under it)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg:
@@ -219,17 +243,51 @@ def _continue_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
     with open_dict(wandb_cfg):
         if wandb_cfg.get("group") is None and sweep:
             wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
-        if ckpt_path is None or wandb_cfg.get("id") is not None:
+        if ckpt_path is None or wandb_cfg.get("id") is not None or sweep:
             return
         checkpoint_dir = Path(ckpt_path).resolve().parent
-        run_dir = checkpoint_dir.parent
-        own_run = [run_dir] if checkpoint_dir.name == "checkpoints" and not sweep else []
-        for save_dir in [*own_run, Path(wandb_cfg.get("save_dir") or ".")]:
-            # <save_dir>/wandb/[offline-]run-<date>_<time>-<id>[-N]/run-<id>.wandb
-            earlier = sorted(save_dir.glob("wandb/*run-*/run-*.wandb"), key=os.path.getmtime)
-            if earlier:
-                wandb_cfg.id = earlier[-1].stem[len("run-"):]  # Lightning's logger resumes it ("allow")
-                return
+        id_file = checkpoint_dir.parent / WANDB_ID_FILE
+        if checkpoint_dir.name == "checkpoints" and id_file.is_file():
+            wandb_cfg.id = id_file.read_text().strip()  # Lightning's logger resumes it ("allow")
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    """A recorded ``{"class_path", "init_args"}`` spec as config keys: ``{"model.net.width": 256,
+    "model.net._target_": "fm_lightning.nets.mlp.MLP", ...}``."""
+    if not isinstance(value, dict):
+        return {key: value}
+    flat: dict[str, Any] = {}
+    for name, item in value.items():
+        sub = key if name == "init_args" else f"{key}.{'_target_' if name == 'class_path' else name}"
+        flat.update(_flat(item, sub))
+    return flat
+
+
+def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> None:
+    """A resume continues the checkpoint's run: refuse a config whose model (net, flow, source)
+    or data differ from those the checkpoint records, naming the keys and the run's overrides."""
+    parts = ("net", "flow", "source")
+    recorded = _flat({k: ckpt["hyper_parameters"][k] for k in parts}, "model")
+    current = _flat({k: model.hparams[k] for k in parts}, "model")
+    if ckpt.get("datamodule_hyper_parameters"):  # recorded by 2-D data (not by older checkpoints)
+        recorded.update(_flat(dict(ckpt["datamodule_hyper_parameters"]), "data"))
+        current.update(_flat(dict(getattr(datamodule, "hparams", None) or {}), "data"))
+    # A key on one side only is an argument the code added or dropped since (another class
+    # differs in its _target_, on both sides).
+    differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    if not differ:
+        return
+    classes = [k[: -len("_target_")] for k in differ if k.endswith("._target_")]  # their arguments differ too
+    shown = [k for k in differ if k.endswith("._target_") or not any(k.startswith(c) for c in classes)]
+    diffs = "; ".join(f"{k}: {recorded[k]!r} there, {current[k]!r} here" for k in shown)
+    overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]
+        again = f"pass its overrides again ({' '.join(own) or 'none'}, from {overrides_file})"
+    else:
+        again = "use the config it was trained with"
+    raise UserError(f"{ckpt_path} holds another model or data than this config ({diffs}); a resume continues "
+                    f"that run, so {again} with ckpt_path, and a larger trainer.max_steps to train on")
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path:
@@ -300,11 +358,28 @@ def _set_threads(cfg: DictConfig) -> None:
     torch.set_num_threads(threads)
 
 
+def _check_launch(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Refuse, before any training process starts, several nodes without a cluster launcher, a
+    sweep whose jobs Lightning would start more processes for, and a batch that does not split."""
+    check_num_nodes(trainer.num_nodes, getattr(trainer.strategy, "cluster_environment", None))
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            and type(launcher).__name__ == "_SubprocessScriptLauncher" and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):
+        raise SweepError(f"a sweep (-m) cannot run jobs with {launcher.num_processes} training processes per node: "
+                         "Lightning starts the extra processes by running the whole command again, sweep "
+                         "included; run the jobs one by one without -m")
+    if "batch_size" in cfg.data:
+        per_device_batch_size(cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train as configured by ``cfg``; return the final metrics (also saved as metrics.json)."""
     ckpt_path, ckpt = _resolve_resume(cfg)
     output_dir = cfg.paths.output_dir
     _check_output_dir(output_dir, ckpt_path)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise UserError(f"seed must be a whole number, got {cfg.seed!r}; set seed=0 (or another integer)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _set_threads(cfg)
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))
@@ -315,13 +390,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         datamodule = hydra.utils.instantiate(cfg.data)
         _fill_native_shape(cfg, datamodule)
         model = hydra.utils.instantiate(cfg.model)
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), FinalValidation()]
+        callbacks = [*_instantiate_all(cfg, "callbacks"), FinalValidation()]
         if _optimizing_sweep():
             callbacks.append(_CheckOptimizedMetric(cfg.get("optimized_metric")))
-        loggers = _instantiate_all(cfg.get("logger"))
+        loggers = _instantiate_all(cfg, "logger")
         if not loggers:  # nothing to monitor into; Lightning would refuse the callback
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        # no ModelCheckpoint callback: no checkpoints (Lightning would add its own)
+        off = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks) else {"enable_checkpointing": False}
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **off)
     except InstantiationException as err:
         raise UserError(_instantiation_error(err)) from err
     except InterpolationKeyError as err:
@@ -331,8 +408,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                         "source: start from an image preset (experiment=digits, mnist, mnist_cond or cifar10_otcfm) "
                         "and override from there") from None
     _check_shapes(datamodule, model)
+    _check_launch(cfg, trainer)
     start_step = None
     if ckpt is not None:
+        _check_same_run(model, datamodule, ckpt, ckpt_path)
         check_weights_fit(model, ckpt["state_dict"], ckpt_path)
         start_step = ckpt.get("global_step")
         del ckpt  # Lightning reads the file again to restore everything
@@ -341,6 +420,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 logger.drop_rows_from(start_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(logger, WandbLogger):
+            logger.save_run_id(Path(output_dir) / WANDB_ID_FILE)
     failed = True
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -146,10 +146,10 @@ CASES = {
     "image data without an image preset": (train("data=images", "model/net=unet_tiny"),
                                            "start from an image preset (experiment=digits"),
     "guidance for an unconditional model": (train("experiment=digits", "data.num_classes=0", "model.cond_drop_prob=0"),
-                                            "callbacks.samples.guidance: guidance=2.0 needs a class-conditional model"),
+                                            "SampleCallback: guidance=2.0 needs a class-conditional model"),
     "FID without Inception weights": (train("experiment=digits", "+callbacks.fid._target_=fm_lightning.callbacks.FIDCallback",
                                             "+callbacks.fid.weights_path={root}/missing.pth"),
-                                      "cannot load the Inception-v3 weights"),
+                                      "missing.pth' does not exist; give the path of a local copy of"),
     # configs: model and flow
     "Lipman path on a non-Gaussian source": (train("flow=fm"), "assumes a standard Gaussian source"),
     "SB path with sigma 0": (train("flow=sbcfm", "model.flow.path.sigma=0"), "needs sigma > 0"),
@@ -184,7 +184,7 @@ CASES = {
         train("ckpt_path={root}/other.ckpt", out="logs/train/runs/earlier"), "already holds checkpoints"),
     "resume from another Lightning project's checkpoint": (train("ckpt_path={root}/foreign.ckpt"),
                                                            "not an fm-lightning checkpoint"),
-    "resume with another net": (train(f"ckpt_path={EARLIER_CKPT}", "model.net.width=32"), "holds a different model"),
+    "resume with another net": (train(f"ckpt_path={EARLIER_CKPT}", "model.net.width=32"), "holds another model or data than this config"),
     "resume last with no runs": (train("ckpt_path=last", "task_name=nothing_yet", "paths.log_dir={root}/logs"),
                                  "no run under"),
     # fm-sample flags

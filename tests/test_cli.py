@@ -103,6 +103,14 @@ def test_fm_cli_bad_input_gets_one_message(tmp_path, monkeypatch, capsys, args, 
     assert not (tmp_path / "out").exists()
 
 
+def test_fm_cli_warmup_error_names_the_fm_cli_keys(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = _fit_error(capsys, f"--trainer.default_root_dir={tmp_path / 'out'}",
+                      "--model.lr_scheduler.init_args.warmup_steps=20")
+    assert ("lower model.lr_scheduler.warmup_steps (fm-cli: --model.lr_scheduler.init_args.warmup_steps) or raise "
+            "model.lr_scheduler.total_steps (fm-cli: --model.lr_scheduler.init_args.total_steps)") in line
+
+
 @pytest.mark.parametrize("arg", ["--model.net.init_args.width=abc", "--model.net.init_args.activation=foo",
                                  "--model.optimizer.init_args.lr=abc",
                                  "--model.flow.init_args.path.init_args.sigma=abc"])
@@ -260,6 +268,11 @@ def test_fm_cli_validate_test_and_predict_run_from_a_checkpoint(tmp_path, toy_ck
                 f"--trainer.logger.init_args.save_dir={tmp_path / sub}"]
         proc = run_cli("fm-cli", sub, "--config", TOY, *TINY, *args, cwd=tmp_path)
         assert proc.returncode == 0, (sub, proc.stderr[-3000:])
+    # validate logs the validation metrics of fit, sampled ones included, but writes no plots
+    validate = next((tmp_path / "validate").rglob("metrics.csv"))
+    header = validate.read_text().splitlines()[0].split(",")
+    assert {"val/loss", "val/w2", "val/nfe", "val/path_energy", "val/npe"} <= set(header)
+    assert not list(validate.parent.glob("*.png"))
     # test logs only test/* keys (not validation's val/loss)
     header = next((tmp_path / "test").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     assert [key for key in header if "/" in key] == ["test/loss"]

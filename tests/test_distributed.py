@@ -294,3 +294,30 @@ def test_nvml_check_dropped_only_where_nvml_is_missing(monkeypatch, nvml_loads):
     monkeypatch.setattr(ctypes, "CDLL", lambda name: None)
     skip_nvml_check_without_nvml()
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
+
+
+def test_several_nodes_without_a_cluster_launcher_are_refused_before_training(tmp_path, monkeypatch):
+    """Not under SLURM or torchrun, num_nodes=2 would wait forever at "Initializing distributed"."""
+    import lightning as L
+
+    from conftest import compose_config
+    from fm_lightning.train import _check_launch
+
+    for var in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "GROUP_RANK", "LSB_JOBID", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="trainer.num_nodes=2 .* srun .* torchrun --nnodes=2"):
+        _check_launch(compose_config(["trainer=multinode", "debug=fast"], tmp_path), trainer)
+    monkeypatch.setenv("NODE_RANK", "0")  # Lightning's own variables, set by hand on every node
+    _check_launch(compose_config(["trainer=multinode", "debug=fast"], tmp_path), trainer)
+
+def test_a_batch_that_does_not_split_across_processes_is_refused_before_they_start(tmp_path):
+    """Checked in the launching process, so it is said once, not once per process."""
+    import lightning as L
+
+    from conftest import compose_config
+    from fm_lightning.train import _check_launch
+
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="batch size 64 does not divide across 3 device"):
+        _check_launch(compose_config(["debug=fast"], tmp_path), trainer)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from conftest import compose_config, run_cli
 from fm_lightning.reliability import RNGStateCallback
-from fm_lightning.train import run
+from fm_lightning.train import UserError, run
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 # 60 steps over epochs of 25 batches, a checkpoint every 10 steps, losses logged every step,
@@ -246,3 +246,32 @@ def test_validation_does_not_move_the_training_rng_streams(tmp_path, with_callba
         runs.append(model.noise)
     assert len(runs[0]) == 12
     assert (runs[0] == runs[1] == runs[2]) == with_callback
+
+
+def test_a_resume_with_another_model_or_data_is_refused_naming_the_keys_and_the_run_overrides(tmp_path):
+    """``fm-train ckpt_path=last`` composes the default config: resuming an n_to_moons run with it
+    would train on with another source and activation. It is refused before training, with the
+    run's own overrides to pass again."""
+    run_dir = tmp_path / "run"
+    common = ["debug=fast", "logger=none", "callbacks.samples=null"]
+    run(compose_config([*common, "experiment=n_to_moons", "trainer.max_steps=10"], run_dir))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra/overrides.yaml").write_text("- experiment=n_to_moons\n- hydra.run.dir=elsewhere\n")
+    last = run_dir / "checkpoints/last.ckpt"
+    before = last.read_bytes()
+    for overrides, keys in [
+        ([], r"model.net.activation: 'elu' there, 'selu' here; model.source._target_: 'datamodules.toy.Gaussian' "
+             r"there, 'datamodules.toy.EightGaussians' here\)"),
+        (["experiment=n_to_moons", "data.target=scurve"], r"\(data.target._target_: 'datamodules.toy.Moons' there, "
+                                                          r"'datamodules.toy.SCurve' here\)"),
+    ]:
+        cfg = compose_config([*common, *overrides, "trainer.max_steps=20", f"ckpt_path={last}"], run_dir)
+        with pytest.raises(UserError, match=keys + r".* pass its overrides again \(experiment=n_to_moons, from "):
+            run(cfg)
+    assert last.read_bytes() == before
+    # A checkpoint of an older version: an argument the code has added since, and no data record.
+    older = torch.load(last, weights_only=True)
+    del older["hyper_parameters"]["net"]["init_args"]["depth"], older["datamodule_hyper_parameters"]
+    torch.save(older, last)
+    cfg = compose_config([*common, "experiment=n_to_moons", "trainer.max_steps=20", f"ckpt_path={last}"], run_dir)
+    assert run(cfg)["global_step"] == 20  # the run's own config resumes

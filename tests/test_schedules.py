@@ -63,7 +63,8 @@ def test_total_steps_null_follows_the_trainers_max_steps():
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert scheduler.total_steps == 40
     module._trainer = types.SimpleNamespace(max_steps=-1)
-    with pytest.raises(ValueError, match="total_steps=null follows trainer.max_steps, which is not set"):
+    with pytest.raises(ValueError, match=r"model.lr_scheduler.total_steps \(fm-cli: --model.lr_scheduler.init_args."
+                                         r"total_steps\) is null, so it follows trainer.max_steps, which is not set"):
         module.configure_optimizers()
 
 
@@ -75,3 +76,13 @@ def test_total_steps_null_follows_the_trainers_max_steps():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WarmupCosine(_sgd(), **kwargs)
+
+
+def test_warmup_errors_name_the_fm_train_and_fm_cli_keys_and_the_length_to_raise():
+    """The length comes from total_steps when it is set, else from trainer.max_steps."""
+    keys = r"lower model.lr_scheduler.warmup_steps \(fm-cli: --model.lr_scheduler.init_args.warmup_steps\) or raise "
+    with pytest.raises(ValueError, match=keys + r"model.lr_scheduler.total_steps \(fm-cli: "
+                                             r"--model.lr_scheduler.init_args.total_steps\)$"):
+        WarmupCosine(_sgd(), warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match=keys + "trainer.max_steps$"):
+        WarmupCosine(_sgd(), warmup_steps=10, total_steps=None).set_total_steps(5)

@@ -73,3 +73,34 @@ def test_the_metric_check_counts_a_metric_that_a_callback_logs_at_fit_end():
     _CheckOptimizedMetric("val/fid").on_validation_end(trainer, None)  # FID comes at fit end
     with pytest.raises(SweepError, match="optimized_metric=val/FID .*: val/fid, val/fid_nfe, val/loss$"):
         _CheckOptimizedMetric("val/FID").on_validation_end(trainer, None)
+
+
+
+def test_ckpt_path_last_in_a_sweep_is_refused_before_any_job(tmp_path, capsys):
+    """Every job would resume (and train on) the same newest run in place."""
+    from hydra import compose, initialize_config_dir
+
+    from fm_lightning.train import CONFIG_DIR, KeepFinishedRuns
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", ["ckpt_path=last", f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    with pytest.raises(SystemExit, match="2"):
+        KeepFinishedRuns().on_multirun_start(cfg)
+    assert capsys.readouterr().err.startswith("fm-train: error: ckpt_path=last resumes one run in its own directory")
+
+
+def test_a_sweep_of_jobs_that_lightning_starts_processes_for_is_refused(tmp_path, monkeypatch):
+    """Lightning starts DDP's extra processes by running the command line again: with -m, each
+    would run the whole sweep again, into a sweep directory of its own."""
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from conftest import compose_config
+    from fm_lightning.train import _check_launch
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN}}))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(SweepError, match="cannot run jobs with 2 training processes per node.* without -m"):
+        _check_launch(compose_config(["debug=fast"], tmp_path), trainer)
+    _check_launch(compose_config(["debug=fast"], tmp_path), L.Trainer(accelerator="cpu", devices=1, logger=False))

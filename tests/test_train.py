@@ -211,3 +211,48 @@ def test_training_threads_leave_the_loader_workers_their_cores(monkeypatch, over
         assert torch.get_num_threads() == (before if expected is None else expected)
     finally:
         torch.set_num_threads(before)
+
+
+def test_callbacks_none_writes_no_checkpoints_and_a_second_run_into_its_directory_is_refused(tiny_cfg, tmp_path):
+    run(tiny_cfg("callbacks=none", "trainer.max_steps=10"))
+    assert not list(tmp_path.rglob("*.ckpt"))  # Lightning's default ModelCheckpoint is off too
+    before = (tmp_path / "run/csv/metrics.csv").read_text()
+    with pytest.raises(UserError, match="already holds the outputs of an earlier run .*metrics.json"):
+        run(tiny_cfg("callbacks=none", "trainer.max_steps=10"))
+    assert (tmp_path / "run/csv/metrics.csv").read_text() == before
+
+
+def test_a_callback_entry_without_target_is_refused_naming_it(tiny_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"^callbacks.fid has no _target_.*callbacks.fid=null"):
+        run(tiny_cfg("+callbacks.fid.num_samples=100"))
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_an_entry_that_is_no_mapping_is_refused_naming_it(tiny_cfg):
+    with pytest.raises(UserError, match=r"^callbacks.x has no _target_"):
+        run(tiny_cfg("+callbacks.x=3"))
+
+
+def test_a_null_callback_entry_turns_it_off(tiny_cfg, tmp_path):
+    run(tiny_cfg("callbacks.samples=null", "trainer.max_steps=10"))
+    assert not (tmp_path / "run/samples.png").exists() and (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
+def test_a_seed_that_is_not_a_number_is_named(tiny_cfg):
+    with pytest.raises(UserError, match=r"^seed must be a whole number, got 'abc'"):
+        run(tiny_cfg("seed=abc"))
+
+
+def test_a_failed_download_says_to_place_the_files_under_root(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from datamodules.images import ImageDataModule
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n<urlopen error>\n")
+
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    dm = ImageDataModule(dataset="mnist", root=str(tmp_path), download=True, image_size=28, channels=1)
+    with pytest.raises(FileNotFoundError, match="downloading mnist into .* failed .*place the files there yourself") as err:
+        dm.prepare_data()
+    assert "\n" not in str(err.value)  # one line

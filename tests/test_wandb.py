@@ -65,6 +65,7 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_failed_one_is_marked_failed
     (first_id, first_exit), resumed = [_run_and_exit(d) for d in sessions]
     assert first_exit == 0 and resumed == (first_id, 0)
     assert _run_and_exit(_wandb_run_dir(tmp_path / "new")) == (first_id, 0)
+    assert (tmp_path / "run/wandb-run-id.txt").read_text() == (tmp_path / "new/wandb-run-id.txt").read_text() == first_id
     with pytest.raises(NonFiniteError):
         run(tiny_cfg(*wandb, "model.optimizer.lr=1e30", output_dir=tmp_path / "bad"))
     assert _run_and_exit(_wandb_run_dir(tmp_path / "bad"))[1] == 1
@@ -106,22 +107,38 @@ def test_log_model_offline_is_refused(tmp_path):
         WandbLogger(project="p", save_dir=str(tmp_path), offline=True, log_model=True)
 
 
-def test_only_a_run_directory_lends_its_wandb_id_to_a_resume(tmp_path):
-    """``<run>/checkpoints/x.ckpt`` continues ``<run>``'s W&B run; a checkpoint elsewhere does not
-    adopt whatever W&B run sits next to it."""
+def test_log_model_without_credentials_says_that_credentials_are_missing(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="W&B has no credentials; run `wandb login` .* or set log_model=false"):
+        WandbLogger(project="p", save_dir=str(tmp_path), log_model=True)
+
+
+def test_a_resume_continues_only_the_wandb_run_its_run_directory_recorded(tmp_path):
+    """``<run>/checkpoints/x.ckpt`` continues the W&B id in ``<run>/wandb-run-id.txt``; without one,
+    a resume never adopts whatever W&B run sits next to the checkpoint or in a shared save_dir
+    (the newest there was another run's)."""
     from omegaconf import OmegaConf
 
-    from fm_lightning.train import _continue_wandb
+    from fm_lightning.train import WANDB_ID_FILE, _continue_wandb
 
-    def resumed_id(folder):
+    shared = tmp_path / "shared"
+    for other in ("aaa111", "bbb222"):  # two runs' W&B files in a shared save_dir
+        session = shared / f"wandb/offline-run-20260101_000000-{other}"
+        session.mkdir(parents=True)
+        (session / f"run-{other}.wandb").touch()
+
+    def resumed_id(folder, recorded=None):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "m.ckpt").touch()
-        session = tmp_path / folder / "../wandb/offline-run-20260101_000000-abc123"
-        session.mkdir(parents=True)
-        (session / "run-abc123.wandb").touch()
-        cfg = OmegaConf.create({"task_name": "t", "logger": {"wandb": {"id": None, "save_dir": str(tmp_path / "new")}}})
+        if recorded:
+            (tmp_path / folder / ".." / WANDB_ID_FILE).write_text(recorded)
+        cfg = OmegaConf.create({"task_name": "t", "logger": {"wandb": {"id": None, "save_dir": str(shared)}}})
         _continue_wandb(cfg, str(tmp_path / folder / "m.ckpt"))
         return cfg.logger.wandb.id
 
-    assert resumed_id("project/weights") is None
-    assert resumed_id("run/checkpoints") == "abc123"
+    assert resumed_id("a/checkpoints") is None
+    assert resumed_id("b/checkpoints", recorded="abc123") == "abc123"
+    assert resumed_id("project/weights", recorded="xyz") is None  # not a run directory's checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -124,3 +125,53 @@ def test_report_records_the_guidance_and_the_held_out_split_of_bits_per_dim(digi
                                           batch_size=2, likelihood_tol=1e-2)
     assert report["bpd_data"] == {"split": "test split", "images": 2, "likelihood": "log p(x)"}
     assert "guidance" not in report["sampling"]
+
+
+def test_a_data_config_that_cannot_give_the_images_is_refused_in_one_line(digits_run, tmp_path, capsys):
+    config = OmegaConf.load(digits_run / ".hydra" / "config.yaml")
+    cases = {"points.yaml": "data:\n  _target_: datamodules.toy.ToyDataModule\n",
+             "broken.yaml": "data:\n  dataset: [digits\n  seed: 0\n"}
+    for name, change in (("digitz.yaml", {"dataset": "digitz"}), ("fraction.yaml", {"val_fraction": 1.5})):
+        cases[name] = OmegaConf.to_yaml(OmegaConf.merge(config, {"data": change}))
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    expected = {"points.yaml": r"the data \(ToyDataModule\) are not images but the model's are images of shape "
+                               r"\(1, 8, 8\)",
+                "broken.yaml": r"broken.yaml' is not valid YAML \(while parsing a flow sequence",
+                "digitz.yaml": "cannot build the data of --data-config '.*digitz.yaml': unknown image dataset 'digitz'",
+                "fraction.yaml": "fraction.yaml': val_fraction must be in \\[0, 1\\), got 1.5; fix its data settings",
+                str(digits_run): "--data-config '.*' is a folder; give a run's config file, such as "}
+    for name, message in expected.items():
+        path = name if name.startswith("/") else str(tmp_path / name)
+        assert evaluate.main([_ckpt(digits_run), "--data-config", path, *BPD, "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fm-eval: error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_folder_as_fid_reference_is_refused_before_any_work(digits_run, tmp_path, capsys):
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    assert evaluate.main([_ckpt(digits_run), "--metrics", "fid", "--fid-reference", str(folder),
+                          "--out", str(tmp_path / "e")]) == 2
+    assert f"FID reference '{folder}' is a folder; give the path of an .npz file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())
+
+
+def test_bits_per_dim_refuse_validation_images_the_model_trained_on(digits_run, tmp_path, capsys):
+    """The digits run held out val_fraction=0.1 (seed 0): a larger fraction, or another seed, holds
+    out images it trained on; none held out says how to get some."""
+    config = OmegaConf.load(digits_run / ".hydra" / "config.yaml")
+    for name, change in (("more", {"val_fraction": 0.2}), ("seed", {"seed": 1}), ("none", {"val_fraction": 0})):
+        OmegaConf.save(OmegaConf.merge(config, {"data": change}), tmp_path / f"{name}.yaml")
+    out = ["--out", str(tmp_path / "e")]
+    for name in ("more", "seed"):
+        assert evaluate.main([_ckpt(digits_run), "--data-config", str(tmp_path / f"{name}.yaml"), *BPD, *out]) == 2
+        err = capsys.readouterr().err
+        assert "bits/dim needs held-out images, but the validation split of the data" in err
+        assert "was trained on (training: val_split=holdout, val_fraction=0.1, seed 0); pass a --data-config with " \
+               "val_split: test" in err
+    assert evaluate.main([_ckpt(digits_run), "--data-config", str(tmp_path / "none.yaml"), *BPD, *out]) == 2
+    err = capsys.readouterr().err
+    assert "the data hold none out (val_fraction=0); pass a --data-config with val_split: test" in err
+    assert "val_fraction > 0" not in err and not (tmp_path / "e").exists()

@@ -132,6 +132,17 @@ def test_unconditional_model_refuses_guidance_and_labels():
         model.sample(num_samples=2, cond=torch.tensor([1, 2]))
 
 
+def test_guidance_must_be_finite_and_needs_class_labels():
+    model = tiny_module(num_classes=10, cond_drop_prob=0.1)
+    for guidance in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"guidance={guidance} is not a finite number"):
+            model.sample(num_samples=2, cond=3, guidance=guidance)
+    for cond in ("null", torch.tensor([10, 10])):  # all labels null: guidance would change nothing
+        with pytest.raises(ValueError, match="guidance=3 needs class labels, but all labels are the null class"):
+            model.sample(num_samples=2, cond=cond, guidance=3.0)
+    model.sample(num_samples=2, cond=torch.tensor([10, 3]), guidance=3.0, solver="euler", steps=1)
+
+
 def test_guidance_without_label_dropout_warns():
     with pytest.warns(UserWarning, match="cond_drop_prob=0"):
         tiny_module(num_classes=10).sample(num_samples=2, cond=1, guidance=3.0)

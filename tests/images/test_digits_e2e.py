@@ -63,6 +63,18 @@ def test_fm_sample_options_on_an_image_checkpoint(digits_run, tmp_path, capsys):
     assert fm_sample([ckpt, "--class", "12", "--out", str(tmp_path / "x.npz"), *common]) == 2
     assert "--class must be a label 0..9" in capsys.readouterr().err
     assert fm_sample([ckpt, "--class", "all", "--batch-size", "0", "--out", str(tmp_path / "x.npz")]) == 2
+    capsys.readouterr()
+    for flags, message in ((["--class", "3", "--guidance", "nan"], "guidance=nan is not a finite number"),
+                           (["--class", "null", "--guidance", "3"], "guidance=3 needs class labels")):
+        assert fm_sample([ckpt, *flags, "--out", str(tmp_path / "x.npz"), *common]) == 2
+        assert message in capsys.readouterr().err
+    np.save(tmp_path / "x0.npy", np.zeros((20, 1, 8, 8), np.float32))
+    for x0 in (tmp_path / "x0.npy", tmp_path / "missing.npy"):
+        args = ["--class", "3", "--source-file", str(x0), "--out", str(tmp_path / "x.npz"), *common]
+        assert fm_sample([ckpt, *args]) == 2
+        assert "--source-file draws x0 points, but this model takes images; leave --source-file out" in \
+            capsys.readouterr().err
+    assert not list(tmp_path.glob("x.*"))
 
 
 def test_raw_and_ema_samples_differ(digits_run, tmp_path):

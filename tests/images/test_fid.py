@@ -78,6 +78,10 @@ def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path)
 
     with pytest.raises(ValueError, match="made for extractor"):
         FID(Other()).load_reference(path)
+    # The same class with other weights is another extractor; the same weights are the same one.
+    with pytest.raises(ValueError, match="made for extractor .*TinyExtractor-16-.*, not .*; delete it to recompute"):
+        FID(TinyExtractor(seed=1)).load_reference(path)
+    FID(TinyExtractor(seed=0)).load_reference(path)
     # A plain pytorch-fid style file (mu, sigma only) is accepted.
     np.savez(tmp_path / "plain.npz", mu=np.zeros(16), sigma=np.eye(16))
     plain = FID(TinyExtractor())
@@ -92,7 +96,7 @@ def test_reference_files_from_another_extractor_or_dataset_are_refused(tmp_path)
 
 def test_reference_files_of_another_size_or_unreadable_are_refused_in_one_line(tmp_path):
     path = _saved_reference(tmp_path)
-    with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for; ask for 50 .fm-train: callbacks.fid.num_reference, fm-eval: --num-reference., delete"):
+    with pytest.raises(ValueError, match="statistics of 50 images, not of the 1797 asked for; ask for 50 .the FID callback's num_reference, fm-eval: --num-reference., delete"):
         FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=1797)
     FID(TinyExtractor()).load_reference(path, "digits-train-1x8x8", num_images=50)
     (tmp_path / "empty.npz").write_bytes(b"")
@@ -163,11 +167,12 @@ def test_guidance_on_an_unconditional_model_is_refused_before_training(tmp_path)
     from fm_lightning.callbacks import SampleCallback
 
     dm = ImageDataModule("digits", batch_size=32, val_fraction=0.1)
-    for cb, key in ((SampleCallback(num_samples=4, guidance=2.0), "callbacks.samples"),
-                    (FIDCallback(num_samples=10, num_reference=20, feature=TinyExtractor(), guidance=2.0), "callbacks.fid")):
+    for cb, name in ((SampleCallback(num_samples=4, guidance=2.0), "SampleCallback"),
+                     (FIDCallback(num_samples=10, num_reference=20, feature=TinyExtractor(), guidance=2.0),
+                      r"FIDCallback \(key val/fid\)")):
         module = tiny_module()
-        with pytest.raises(ValueError, match=f"{key}.guidance: guidance=2.0 needs a class-conditional model.*"
-                                             f"set {key}.guidance=null"):
+        with pytest.raises(ValueError, match=f"{name}: guidance=2.0 needs a class-conditional model.*"
+                                             "set this callback's guidance to null"):
             _fid_trainer(tmp_path, cb, dm).fit(module, dm)
         assert module.global_step == 0
 
@@ -303,7 +308,7 @@ def test_standard_inception_path_offline(tmp_path, monkeypatch):
     weights = tmp_path / "inception.pth"
     _stand_in_inception_weights(weights, monkeypatch)
     fid = FID(2048, weights_path=str(weights))
-    assert fid.name == "inception-v3-2048"
+    assert fid.name.startswith("inception-v3-2048-")
     grey = _images(4, 0)
     fid.update(grey, real=True)  # 1-channel images are repeated to RGB
     fid.update(grey, real=False)
@@ -312,5 +317,23 @@ def test_standard_inception_path_offline(tmp_path, monkeypatch):
 
 def test_standard_inception_without_weights_says_what_to_do(tmp_path):
     pytest.importorskip("torch_fidelity")
-    with pytest.raises(ValueError, match="weights_path=.*or inject a feature extractor"):
+    with pytest.raises(FileNotFoundError, match="weights_path='.*nowhere.pth' does not exist; give the path of a "
+                                                "local copy of .*/weights-inception-2015-12-05-6726825d.pth"):
         FID(2048, weights_path=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        FID(2048, weights_path=str(tmp_path))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError) as info:  # not ~400 key names: their count and the first few
+        FID(2048, weights_path=str(tmp_path / "other.pth"))
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 500, message
+    assert "does not hold torch-fidelity's Inception-v3 weights" in message
+    assert "missing keys (Conv2d_1a_3x3.conv.weight, " in message and "1 unexpected keys (other.weight)" in message
+
+
+def test_a_reference_path_that_is_a_folder_is_refused_and_nothing_is_left(tmp_path):
+    fid = FID(TinyExtractor())
+    fid.update(_images(10, 0), real=True)
+    with pytest.raises(ValueError, match="FID reference .* is a folder; give the path of an .npz file"):
+        fid.save_reference(str(tmp_path), "digits-train-1x8x8")
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists(f"{tmp_path}.tmp.npz")
