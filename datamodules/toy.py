@@ -246,7 +246,9 @@ class Pinwheel(Distribution):
     ) -> None:
         self.num_arms, self.radial_std, self.tangential_std = num_arms, float(radial_std), float(tangential_std)
         self.rate, self.scale = float(rate), float(scale)
-        _check(self, "num_arms", isinstance(num_arms, int) and num_arms >= 1, "a whole number >= 1")
+        _check(self, "num_arms", isinstance(num_arms, numbers.Integral) and not isinstance(num_arms, bool)
+               and num_arms >= 1, "a whole number >= 1")
+        self.num_arms = int(num_arms)
         _check(self, "radial_std", _non_negative(self.radial_std), ">= 0 and finite")
         _check(self, "tangential_std", _non_negative(self.tangential_std), ">= 0 and finite")
         _check(self, "rate", math.isfinite(self.rate), "finite")
@@ -464,7 +466,7 @@ def distribution_record(dist: Distribution | dict) -> str:
     ``data.target`` (:func:`load_pairs`)."""
     from fm_lightning.spec import to_spec
 
-    return json.dumps(dist if isinstance(dist, dict) else to_spec(dist), sort_keys=True)
+    return json.dumps(to_spec(dist), sort_keys=True)
 
 
 def as_override(role: str, record: str) -> str:

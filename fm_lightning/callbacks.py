@@ -347,7 +347,7 @@ class SampleCallback(L.Callback):
         if trainer.sanity_checking:
             return
         if trainer.state.fn != "fit":  # trainer.validate: the metrics of fit's validations, no plots
-            metrics = self._metrics(trainer, pl_module, plots=False)
+            metrics = self.evaluate(trainer, pl_module, plots=False)
         elif _nth_validation(self):
             metrics = self.evaluate(trainer, pl_module)
         else:
@@ -390,13 +390,9 @@ class SampleCallback(L.Callback):
         log_sweep_table(trainer.loggers, rows, key="samples/nfe_sweep")
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
-        """Sample, compute metrics, and (on rank zero) save and log the plots."""
-        self._last_step = trainer.global_step
-        return self._metrics(trainer, pl_module)
-
-    def _metrics(self, trainer: L.Trainer, pl_module: Any, plots: bool = True) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: Any, plots: bool = True) -> dict[str, float]:
         """Sample and compute the metrics; with ``plots``, rank zero also saves and logs the plots."""
+        self._last_step = trainer.global_step
         plots = plots and trainer.is_global_zero
         with model_weights(trainer, pl_module, self.use_ema):
             if self._x0.dim() == 4:

@@ -46,6 +46,7 @@ from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalize
 from .flow.solve import SOLVERS, check_solver, check_solver_options
 from .metrics import check_reference_path, rbf_mmd2, wasserstein2
 from .progress import num_examples, track
+from .reliability import read_checkpoint
 from .sample import SOURCE_FILE_HELP, load_model
 
 __all__ = [
@@ -541,7 +542,7 @@ def _run_config(ckpt: Path, data_config: str | None) -> Any:
     return OmegaConf.create(_from_launch_dir(data, path.parent / "hydra.yaml"))
 
 
-def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
+def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
     from datamodules.toy import make_distribution
 
     from .spec import from_spec
@@ -552,12 +553,9 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
             return make_distribution(target, dim=dim)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--target: {err}") from None
-    if data_config is not None:  # given: it wins over what the checkpoint recorded, as --target does
-        data = _run_config(ckpt, data_config)
-        if data is None or "target" not in data:
-            raise ValueError(f"--data-config {data_config!r} has no data.target; pass --target NAME or FILE.npy")
-        return make_distribution(data.target, dim=dim)
-    recorded = (ckpt_dict.get("datamodule_hyper_parameters") or {}).get("target")
+    # a given --data-config wins over what the checkpoint recorded, as --target does
+    recorded = None if data_config else (read_checkpoint(ckpt, "cpu").get("datamodule_hyper_parameters") or {}).get(
+        "target")
     if recorded is not None:
         try:
             return from_spec(recorded)
@@ -566,6 +564,8 @@ def _target_of(ckpt_dict: dict, ckpt: Path, model: Any, target: str | None, data
     data = _run_config(ckpt, data_config)
     if data is not None and "target" in data:
         return make_distribution(data.target, dim=dim)
+    if data_config:
+        raise ValueError(f"--data-config {data_config!r} has no data.target; pass --target NAME or FILE.npy")
     raise ValueError(
         "this checkpoint does not record its target distribution and there is no run config beside it; "
         "pass --target NAME (e.g. moons) or --target FILE.npy"
@@ -651,8 +651,6 @@ def evaluate_checkpoint(
     Returns:
         The report written to ``eval.json``.
     """
-    from .reliability import read_checkpoint
-
     ckpt = Path(ckpt)
     image_only = {k: kwargs.pop(k) for k in _IMAGE_ONLY if k in kwargs}
     if metrics:
@@ -681,7 +679,7 @@ def evaluate_checkpoint(
         given = [k for k, v in image_only.items() if v is not None and k != "batch_size"]
         if given:
             raise ValueError(f"{', '.join(given)} apply to image checkpoints only; this one is 2-D")
-        dist = _target_of(read_checkpoint(ckpt, "cpu"), ckpt, model, target, data_config)
+        dist = _target_of(ckpt, model, target, data_config)
         report["target"] = repr(dist)
         result = evaluate_points(model, dist, metrics, **kwargs)
     else:

@@ -276,10 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = (read_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}).get("target")
         if target is not None:  # recorded by ToyDataModule
             records["target"] = distribution_record(target)
-        x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver,
-                                     100 if args.steps is None else args.steps,
-                                     1e-5 if args.atol is None else args.atol, 1e-5 if args.rtol is None else args.rtol,
-                                     args.seed, progress=not args.no_progress)
+        given = {k: v for k, v in (("steps", args.steps), ("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+        x0, x1, nfe = generate_pairs(model, args.num_pairs, args.batch_size, args.solver, seed=args.seed,
+                                     progress=not args.no_progress, **given)
         path = save_pairs(args.out, x0, x1, nfe=nfe, **records)
     except (ValueError, FileNotFoundError) as err:
         print(f"reflow: error: {err}", file=sys.stderr)

@@ -121,11 +121,12 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
     from .reliability import read_checkpoint
     from .spec import from_spec
 
-    if source_file is not None and _takes_images(read_checkpoint(ckpt)["hyper_parameters"]):
-        raise ValueError("--source-file draws x0 points, but this model takes images; leave --source-file out")
     try:
         source = None if source_file is None else Points(source_file)
     except (ValueError, FileNotFoundError) as err:
+        if _takes_images(read_checkpoint(ckpt)["hyper_parameters"]):
+            raise ValueError("--source-file draws x0 points, but this model takes images; leave --source-file out") \
+                from None
         raise ValueError(f"--source-file: {err}") from None
     try:
         model = load_checkpoint(ckpt, map_location=map_location, ema=ema, source=source)

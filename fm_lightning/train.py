@@ -23,6 +23,7 @@ from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationKeyError
 
@@ -71,7 +72,7 @@ def _instantiate_all(cfg: DictConfig, name: str) -> list[Any]:
 
 
 #: Files that only a run writes: a run directory holding one is an earlier run's.
-RUN_OUTPUTS = ("metrics.json", "csv/metrics.csv")
+RUN_OUTPUTS = ("metrics.json", f"csv/{ExperimentWriter.NAME_METRICS_FILE}")  # csv: configs/logger/csv.yaml
 
 
 def finished_run_error(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None) -> str | None:
@@ -239,7 +240,7 @@ def _continue_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg:
         return
-    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    sweep = _in_sweep()
     with open_dict(wandb_cfg):
         if wandb_cfg.get("group") is None and sweep:
             wandb_cfg.group = f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
@@ -310,13 +311,15 @@ def _resolve_resume(cfg: DictConfig) -> tuple[str | None, dict | None]:
     return str(ckpt_path), read_checkpoint(ckpt_path)
 
 
+def _in_sweep() -> bool:
+    """Whether this is a job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _optimizing_sweep() -> bool:
     """Whether a sweeper optimises the value fm-train returns: Optuna (or Ax, Nevergrad...),
     any but Hydra's basic one."""
-    if not HydraConfig.initialized():
-        return False
-    hydra_cfg = HydraConfig.get()
-    return hydra_cfg.mode == RunMode.MULTIRUN and not str(hydra_cfg.sweeper.get("_target_")).endswith(".BasicSweeper")
+    return _in_sweep() and not str(HydraConfig.get().sweeper.get("_target_")).endswith(".BasicSweeper")
 
 
 def _metric_not_logged(key: str | None, logged: set[str]) -> SweepError:
@@ -330,11 +333,12 @@ class _CheckOptimizedMetric(L.Callback):
     (now, or later from a sampling callback's ``metric_keys``, such as FID at fit end)."""
 
     def __init__(self, key: str) -> None:
-        self.key = key
+        self.key, self.checked = key, False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.checked:
             return
+        self.checked = True
         logged = set(trainer.callback_metrics).union(*(getattr(c, "metric_keys", ()) for c in trainer.callbacks))
         if self.key not in logged:
             raise _metric_not_logged(self.key, logged)
@@ -363,13 +367,12 @@ def _check_launch(cfg: DictConfig, trainer: L.Trainer) -> None:
     sweep whose jobs Lightning would start more processes for, and a batch that does not split."""
     check_num_nodes(trainer.num_nodes, getattr(trainer.strategy, "cluster_environment", None))
     launcher = getattr(trainer.strategy, "launcher", None)
-    if (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            and type(launcher).__name__ == "_SubprocessScriptLauncher" and launcher.num_processes > 1
+    if (_in_sweep() and type(launcher).__name__ == "_SubprocessScriptLauncher" and launcher.num_processes > 1
             and not launcher.cluster_environment.creates_processes_externally):
         raise SweepError(f"a sweep (-m) cannot run jobs with {launcher.num_processes} training processes per node: "
                          "Lightning starts the extra processes by running the whole command again, sweep "
                          "included; run the jobs one by one without -m")
-    if "batch_size" in cfg.data:
+    if "batch_size" in cfg.data:  # each process's datamodule checks it again in setup, after they start
         per_device_batch_size(cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
 
 
@@ -457,7 +460,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if isinstance(metrics[key], str):
             raise UserError(f"optimized_metric {key} is {metrics[key]}; the trial is marked failed")
     except (UserError, ValueError, FileNotFoundError, NonFiniteError) as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, SweepError):
+        if _in_sweep() and not isinstance(err, SweepError):
             _report_error(err)  # one failed job must not end the sweep
             raise JobFailed(f"fm-train: error: {err}") from None
         exit_with_error(err)
