@@ -287,6 +287,12 @@ class ImageDataModule(L.LightningDataModule):
         self.val_split, self.val_fraction, self.batch_size = val_split, val_fraction, batch_size
         self.num_workers, self.pin_memory, self.seed, self.verify_images = num_workers, pin_memory, seed, verify_images
         self.device_batch_size = batch_size
+        # What the data is, recorded in checkpoints so that a resume on other images is refused
+        # (a torchvision dataset may move to another root; an image folder is its root).
+        self.save_hyperparameters({"dataset": dataset, "image_size": image_size, "channels": channels,
+                                   "num_classes": num_classes, "val_split": val_split, "val_fraction": val_fraction,
+                                   **({"root": os.path.abspath(self.root)} if dataset == "imagefolder" else {})},
+                                  logger=False)
         self._rank, self._world_size = 0, 1
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None

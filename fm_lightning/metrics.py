@@ -100,6 +100,23 @@ def _state_dict_mismatch(message: str) -> str:
     return "; ".join(parts) or message.splitlines()[0]
 
 
+def _check_weights_only(path: str) -> None:
+    """Refuse a weights file that holds more than tensors before torch-fidelity unpickles it
+    in full (``weights_only=False``), which would run any code a crafted file carries."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+)", str(err))  # torch names the class or function it refused
+        what = f"holds {named[1]}, which is not loaded (unpickling could run code)" if named else "is not a torch file"
+        raise ValueError(f"weights_path={path!r} {what}; give the path of a local copy of {INCEPTION_URL}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"weights_path={path!r} is not readable ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                         f"give the path of a local copy of {INCEPTION_URL}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"weights_path={path!r} holds a {type(state).__name__}, not a state dict; give the path of "
+                         f"a local copy of {INCEPTION_URL}")
+
+
 class _Injected(torch.nn.Module):
     """Adapts a user's extractor to torchmetrics: uint8 in, ``extractor(x in [-1, 1])`` out."""
 
@@ -144,6 +161,8 @@ class FID:
                 what = "is a folder" if os.path.isdir(weights_path) else "does not exist"
                 raise FileNotFoundError(f"the Inception weights file weights_path={weights_path!r} {what}; give "
                                         f"the path of a local copy of {INCEPTION_URL}")
+            if weights_path is not None:
+                _check_weights_only(weights_path)
             try:
                 self.metric = FrechetInceptionDistance(
                     feature=feature, reset_real_features=False, feature_extractor_weights_path=weights_path

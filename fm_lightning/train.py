@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -143,7 +144,9 @@ class KeepFinishedRuns(Callback):
                 config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{n}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.get("ckpt_path")) == "last":
+        swept = [o for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+                 if o.key_or_group == "ckpt_path" and o.is_sweep_override()]
+        if str(config.get("ckpt_path")) == "last" or any("last" in o.sweep_string_iterator() for o in swept):
             exit_with_error("ckpt_path=last resumes one run in its own directory, so every job of a sweep (-m) would "
                             "train that same run; resume it without -m, or give the jobs ckpt_path=<file> to start "
                             "each from that checkpoint in a directory of its own")
@@ -288,7 +291,7 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
     else:
         again = "use the config it was trained with"
     raise UserError(f"{ckpt_path} holds another model or data than this config ({diffs}); a resume continues "
-                    f"that run, so {again} with ckpt_path, and a larger trainer.max_steps to train on")
+                    f"that run, so {again}, with ckpt_path and a larger trainer.max_steps to train on")
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path:
@@ -382,7 +385,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = cfg.paths.output_dir
     _check_output_dir(output_dir, ckpt_path)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise UserError(f"seed must be a whole number, got {cfg.seed!r}; set seed=0 (or another integer)")
+        hint = " (interpolations such as oc.env give strings: decode them, seed='${oc.decode:${oc.env:SEED}}')"
+        raise UserError(f"seed must be a whole number, got {cfg.seed!r}; set seed=0 (or another integer)"
+                        f"{hint if isinstance(cfg.seed, str) and cfg.seed.strip().lstrip('-').isdigit() else ''}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _set_threads(cfg)
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("precision"))

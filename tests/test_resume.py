@@ -275,3 +275,17 @@ def test_a_resume_with_another_model_or_data_is_refused_naming_the_keys_and_the_
     torch.save(older, last)
     cfg = compose_config([*common, "experiment=n_to_moons", "trainer.max_steps=20", f"ckpt_path={last}"], run_dir)
     assert run(cfg)["global_step"] == 20  # the run's own config resumes
+
+
+def test_a_resume_on_other_images_is_refused(tmp_path):
+    """Image data records what it is (dataset, size, channels, classes, split): a resume that
+    would train on with other images is refused like one with another model."""
+    run_dir = tmp_path / "run"
+    common = ["experiment=digits", "debug=fast", "logger=none", "callbacks.samples=null"]
+    run(compose_config([*common, "trainer.max_steps=6"], run_dir))
+    last = run_dir / "checkpoints/last.ckpt"
+    cfg = compose_config([*common, "data.val_fraction=0.2", "trainer.max_steps=10", f"ckpt_path={last}"], run_dir)
+    with pytest.raises(UserError, match=r"\(data.val_fraction: 0.1 there, 0.2 here\)"):
+        run(cfg)
+    cfg = compose_config([*common, "data.batch_size=16", "trainer.max_steps=10", f"ckpt_path={last}"], run_dir)
+    assert run(cfg)["global_step"] == 10  # how the same images are batched may change

@@ -76,14 +76,19 @@ def test_the_metric_check_counts_a_metric_that_a_callback_logs_at_fit_end():
 
 
 
-def test_ckpt_path_last_in_a_sweep_is_refused_before_any_job(tmp_path, capsys):
+@pytest.mark.parametrize("override", ["ckpt_path=last", "ckpt_path=earlier.ckpt,last"])
+def test_ckpt_path_last_in_a_sweep_is_refused_before_any_job(tmp_path, capsys, override):
     """Every job would resume (and train on) the same newest run in place."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import read_write
 
     from fm_lightning.train import CONFIG_DIR, KeepFinishedRuns
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", ["ckpt_path=last", f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+        cfg = compose("train", [f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    with read_write(cfg):  # what Hydra's multirun start holds: the config of the base values, the sweep overrides
+        cfg.ckpt_path = None if "," in override else "last"
+        cfg.hydra.overrides.task = [override]
     with pytest.raises(SystemExit, match="2"):
         KeepFinishedRuns().on_multirun_start(cfg)
     assert capsys.readouterr().err.startswith("fm-train: error: ckpt_path=last resumes one run in its own directory")

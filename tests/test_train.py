@@ -243,6 +243,14 @@ def test_a_seed_that_is_not_a_number_is_named(tiny_cfg):
         run(tiny_cfg("seed=abc"))
 
 
+def test_a_seed_from_an_environment_variable_is_decoded(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEED", "7")
+    with pytest.raises(UserError, match=r"got '7'.*decode them, seed='\$\{oc.decode:\$\{oc.env:SEED\}\}'"):
+        run(tiny_cfg("seed=${oc.env:SEED}"))
+    metrics = run(tiny_cfg("seed='${oc.decode:${oc.env:SEED}}'", "callbacks=none"))
+    assert metrics["global_step"] > 0
+
+
 def test_a_failed_download_says_to_place_the_files_under_root(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 

@@ -331,6 +331,31 @@ def test_standard_inception_without_weights_says_what_to_do(tmp_path):
     assert "missing keys (Conv2d_1a_3x3.conv.weight, " in message and "1 unexpected keys (other.weight)" in message
 
 
+class _RunsCode:
+    """Unpickling this calls ``marker.touch()``: what a crafted weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_weights_file_holding_more_than_tensors_is_refused_unrun(tmp_path):
+    pytest.importorskip("torch_fidelity")
+    marker = tmp_path / "code-ran"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, tmp_path / "crafted.pth")
+    with pytest.raises(ValueError, match=r"crafted.pth' holds \w+, which is not loaded \(unpickling could run code\)"):
+        FID(2048, weights_path=str(tmp_path / "crafted.pth"))
+    assert not marker.exists()
+    (tmp_path / "text.pth").write_text("not weights")
+    with pytest.raises(ValueError, match="text.pth' is not a torch file"):
+        FID(2048, weights_path=str(tmp_path / "text.pth"))
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth' holds a list, not a state dict"):
+        FID(2048, weights_path=str(tmp_path / "list.pth"))
+
+
 def test_a_reference_path_that_is_a_folder_is_refused_and_nothing_is_left(tmp_path):
     fid = FID(TinyExtractor())
     fid.update(_images(10, 0), real=True)
