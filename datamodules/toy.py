@@ -9,6 +9,7 @@ file), or a path ending in ``.npy``, ``.npz`` or ``.csv``.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import to_absolute_path
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -30,7 +32,7 @@ from fm_lightning.flow.couplings import IndependentCoupling
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
-    "ToyDataModule", "load_pairs", "distribution_record", "as_override",
+    "ToyDataModule", "load_pairs", "distribution_record", "as_override", "points_fingerprint",
 ]
 
 
@@ -310,18 +312,45 @@ class Points(Distribution):
 
     Args:
         file: ``.npy`` (array (N, d)), ``.npz`` (key ``points``, ``samples``, or its only array)
-            or ``.csv`` (N rows of d numbers; a non-numeric header row, ``#`` comments and
-            blank lines are skipped). Its contents must be the format its extension names.
+            or ``.csv`` (N rows of d numbers, separated by commas or all by spaces/tabs; ``#``
+            comments and blank lines are skipped, and so is a first row of as many fields as the
+            next that holds no number, or exactly ``0,1,...,d-1`` for d >= 2, pandas' names of
+            unnamed columns; pandas' row-index column, ``to_csv(index=True)``, is refused; see
+            :func:`_read_csv`). Its contents must be the format its extension names. ``~`` is
+            expanded, and a relative path is taken from the directory ``fm-train`` was launched
+            in (``hydra.utils.to_absolute_path``; the working directory outside Hydra), also
+            with ``hydra.job.chdir=true``. The absolute path is recorded.
+        fingerprint: the points' content fingerprint (:func:`points_fingerprint`) that a
+            checkpoint recorded; the file must still hold those points, else one clear error.
+            ``None`` (a fresh Points): computed from the file. Checkpoints record it, so that a
+            file that has changed since training is refused and one that has moved is recognised.
     """
 
-    def __init__(self, file: str) -> None:
-        self.file = os.path.abspath(file)  # the checkpoint records it; sampling may run elsewhere
+    def __init__(self, file: str, fingerprint: str | None = None) -> None:
+        # the checkpoint records the absolute path; sampling may run elsewhere
+        self.file = os.path.abspath(to_absolute_path(os.path.expanduser(str(file))))
         self.data = load_points(self.file)
         self.dim = self.data.shape[1]
+        actual = points_fingerprint(self.data)
+        if fingerprint is not None and str(fingerprint) != actual:
+            raise ValueError(
+                f"points file {self.file!r} changed since training (fingerprint {fingerprint}, now {actual}); restore "
+                "it, or pass the file the run used: --source-file (fm-sample, fm-eval, reflow) for a source, "
+                "--target (fm-eval) for a target, data.source/data.target for fm-train"
+            )
+        self.fingerprint = actual
 
     def sample(self, n, generator=None):
         idx = torch.randint(0, self.data.shape[0], (n,), generator=generator)
         return self.data[idx]
+
+
+def points_fingerprint(points: Tensor) -> str:
+    """Content fingerprint of points (N, d): ``"<N>x<d>:<first 16 hex digits of the sha256 of
+    their float32 little-endian bytes>"``. The same points give the same fingerprint whatever the
+    file's name, place or format (.npy, .npz or .csv)."""
+    arr = np.ascontiguousarray(points.detach().cpu().numpy(), dtype="<f4")
+    return f"{arr.shape[0]}x{arr.shape[1]}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
 
 
 def load_points(file: str) -> Tensor:
@@ -387,21 +416,84 @@ def _is_number(text: str) -> bool:
     return True
 
 
+#: First header fields that name a row-index column (pandas: ``to_csv()`` writes an empty one,
+#: ``read_csv`` then names it ``Unnamed: 0``, ``reset_index`` names it ``index``).
+_INDEX_NAMES = ("", "unnamed: 0", "index")
+_CSV_FORMAT = ("a .csv needs one point per line, its numbers separated by commas (or all by spaces/tabs), "
+               "after an optional header line")
+
+
+def _fields(text: str, comma: bool) -> list[str]:
+    return [x.strip() for x in text.split(",")] if comma else text.split()
+
+
+def _parse_lines(lines: list[tuple[int, str]], comma: bool) -> np.ndarray:
+    """Numbers (N, d) of the ``(line number, text)`` data lines, or an error naming the line."""
+    width, line = len(_fields(lines[0][1], comma)), lines[0][0]
+    arr = np.empty((len(lines), width))
+    for i, (n, text) in enumerate(lines):
+        fields = _fields(text, comma)
+        if len(fields) != width:
+            raise ValueError(f"the number of columns changed from {width} (line {line}) to {len(fields)} at line {n} "
+                             f"of the file; every point needs the same number of coordinates ({_CSV_FORMAT})")
+        for j, x in enumerate(fields):
+            try:
+                arr[i, j] = float(x)
+            except ValueError:
+                hint = "; separate them by commas, not semicolons" if ";" in x else ""
+                raise ValueError(f"line {n}, field {j + 1}: {x!r} is not a number{hint} ({_CSV_FORMAT})") from None
+    return arr
+
+
 def _read_csv(file: str) -> np.ndarray:
-    """Rows of numbers (N, d); ``#`` comment and blank lines are skipped, and so is a first
-    row with no number in it (a header; a row with a typo stays data, and is reported). A
-    UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, so it cannot turn the first data
-    row into a "header"."""
+    """Rows of numbers (N, d) of a text file, in one of two layouts: comma-separated (when any
+    line holds a comma), or separated by spaces/tabs (numpy's ``savetxt`` default). ``#``
+    comments and blank lines are skipped; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped.
+
+    The first row is a header, and skipped, if it has as many fields as the row after it and
+    either none of them is a number (``x,y``; a row with a typo stays data, and is reported) or
+    they are exactly ``0,1,...,d-1`` with ``d >= 2`` (the column names pandas writes for an
+    unnamed frame, ``DataFrame(p).to_csv(index=False)``; such a first row is never taken as the
+    point ``[0, 1, ..., d-1]``; a one-column file's ``0`` stays data). A header whose first
+    field is empty, ``Unnamed: 0`` or ``index`` above a first column 0, 1, ..., N-1 is pandas'
+    row index (``to_csv()`` with its default ``index=True``): refused, not read as a coordinate.
+    Errors name the line of the file (1-based, as an editor counts them)."""
     with open(file, encoding="utf-8-sig") as f:
-        rows = [line for line in f if line.split("#", 1)[0].strip()]
-    if rows and not any(_is_number(field) for field in rows[0].split("#", 1)[0].split(",")):
-        rows = rows[1:]
-    if not rows:
+        lines = [(n, text) for n, line in enumerate(f, 1) if (text := line.split("#", 1)[0].strip())]
+    comma = any("," in text for _, text in lines)
+    if not lines:
         return np.empty((0, 0))
-    try:
-        return np.loadtxt(rows, delimiter=",", ndmin=2)
-    except ValueError as err:
-        raise ValueError(f"{err} (a .csv needs one point per line, its numbers separated by commas)") from None
+    first = _fields(lines[0][1], comma)
+    below = _fields(lines[1][1], comma) if len(lines) > 1 else first
+    names = not any(_is_number(x) for x in first) or (len(first) >= 2 and first == [str(i) for i in range(len(first))])
+    index = first[0].lower() in _INDEX_NAMES and not _is_number(first[0])  # ",x,y" or ",0,1" or "index,x,y"
+    # Separated by spaces, pandas' index column has no name at all: its header is one field short.
+    blank_index = not comma and names and len(first) + 1 == len(below)
+    header = (lines[0][0], first) if (len(first) == len(below) and (names or index)) or blank_index else None
+    if header is not None:
+        lines = lines[1:]
+    elif names and len(lines) > 1:
+        raise ValueError(f"line {lines[0][0]} looks like a header ({','.join(first)!r}) but has {len(first)} "
+                         f"field(s) where line {lines[1][0]} has {len(below)}; a header line needs as many fields as "
+                         f"the lines below it ({_CSV_FORMAT})")
+    if not lines:
+        return np.empty((0, 0))
+    try:  # numpy's parser is fast; where it fails, the slow one names the line
+        arr = np.loadtxt([text for _, text in lines], delimiter="," if comma else None, comments=None, ndmin=2)
+    except ValueError:
+        arr = _parse_lines(lines, comma)
+    width = arr.shape[1]
+    if header is not None and (index or blank_index):
+        if width >= 2 and np.array_equal(arr[:, 0], np.arange(len(arr))):
+            shown = ("," if comma else " ").join(header[1])
+            raise ValueError(f"its first column is a row index, not a coordinate (header on line {header[0]}: "
+                             f"{shown!r}; values 0..{len(arr) - 1}), as pandas' DataFrame.to_csv writes by default; "
+                             "write the file with to_csv(..., index=False), or drop that column")
+        if blank_index:  # not an index after all: a header one field short
+            raise ValueError(f"line {header[0]} looks like a header ({' '.join(first)!r}) but has {len(first)} "
+                             f"field(s) where line {lines[0][0]} has {width}; a header line needs as many fields as "
+                             f"the lines below it ({_CSV_FORMAT})")
+    return arr
 
 
 DISTRIBUTIONS: dict[str, type[Distribution]] = {
@@ -493,7 +585,8 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     and ``x1`` of shape (N, dim); one clear error for a missing file, a file that is no ``.npz``,
     missing arrays, shapes that differ or do not match the model's ``dim``, non-finite values, or
     (when the file records the source and target of its pairs, as reflow's do) a ``source`` or
-    ``target`` other than those (a points file that has moved since is taken as given)."""
+    ``target`` other than those (a points file that has moved since is taken as given; at the
+    recorded path, a points file whose record has a fingerprint must still hold those points)."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
     held = _contents(file)
@@ -511,7 +604,7 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     why = {"source": "so that sampling draws x0 as training saw it",
            "target": "so that val/w2 and the checkpoint's target are the data the pairs end at"}
     for role, dist in (("source", source), ("target", target)):
-        if dist is not None and role in recorded and distribution_record(dist) != recorded[role] \
+        if dist is not None and role in recorded and not _same_record(dist, recorded[role]) \
                 and not _moved_points(dist, recorded[role]):
             raise ValueError(
                 f"the pairs in {file!r} were drawn for {as_override(role, recorded[role])} but data.{role} is "
@@ -529,6 +622,15 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     if not (np.isfinite(x0).all() and np.isfinite(x1).all()):
         raise ValueError(f"pairs file {file!r} contains non-finite values")
     return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
+
+
+def _same_record(dist: Distribution, record: str) -> bool:
+    """``dist`` is the recorded distribution. A points record written before points had a
+    fingerprint is compared by its path alone; one with a fingerprint also by the contents."""
+    mine, theirs = json.loads(distribution_record(dist)), json.loads(record)
+    if _registered_name(theirs.get("class_path", "")) == "points" and "fingerprint" not in theirs.get("init_args", {}):
+        mine.get("init_args", {}).pop("fingerprint", None)
+    return mine == theirs
 
 
 def _moved_points(dist: Distribution, record: str) -> bool:
@@ -676,10 +778,12 @@ class ToyDataModule(L.LightningDataModule):
         if self.source.dim != self.target.dim:
             raise ValueError(
                 f"source {self.source} has dim {self.source.dim} but target {self.target} has dim "
-                f"{self.target.dim}; they must match (set data.dim for gaussian, or use matching files)"
+                f"{self.target.dim}; they must match (set data.dim, fm-cli: --data.init_args.dim, for gaussian, or "
+                "use matching files)"
             )
         if self.source.dim != dim:
-            raise ValueError(f"the data are {self.source.dim}-dimensional but data.dim={dim}; set data.dim={self.source.dim}")
+            raise ValueError(f"the data are {self.source.dim}-dimensional but data.dim={dim}; set "
+                             f"data.dim={self.source.dim} (fm-cli: --data.init_args.dim={self.source.dim})")
         self.dim = self.source.dim
         self.batch_size, self.steps_per_epoch, self.val_size, self.seed = batch_size, steps_per_epoch, val_size, seed
         self.pairs = None if pairs is None else str(pairs)

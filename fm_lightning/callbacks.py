@@ -342,6 +342,12 @@ class SampleCallback(L.Callback):
             {"val/path_energy", "val/npe"} if straight else set())
         # trainer.log_dir is collective (a broadcast): read it here, on every rank.
         self._dir = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        self._checkpoint_step: int | None = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # trainer.validate(ckpt_path=...) restores no loops (global_step is 0): keep the step that
+        # seeds the target draw, so that it gives fit's val/w2 of that checkpoint.
+        self._checkpoint_step = checkpoint.get("global_step")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:
@@ -450,7 +456,8 @@ class SampleCallback(L.Callback):
         target_dist = getattr(trainer.datamodule, "target", None)
         target = None
         if target_dist is not None:
-            gen = torch.Generator().manual_seed(self.seed + 1 + trainer.global_step)
+            fit = trainer.state.fn == "fit" or self._checkpoint_step is None
+            gen = torch.Generator().manual_seed(self.seed + 1 + (trainer.global_step if fit else self._checkpoint_step))
             target = target_dist.sample(self.num_samples, gen)
             metrics["val/w2"] = wasserstein2(samples, target)
             if "val/npe" in self.metric_keys:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,18 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except (ValueError, FileNotFoundError, NonFiniteError, MisconfigurationException) as err:
-        print(f"fm-cli: error: {err}", file=sys.stderr)
+        print(f"fm-cli: error: {_cause(str(err))}", file=sys.stderr)
         sys.exit(2)
+
+
+def _cause(message: str) -> str:
+    """The class's own error out of jsonargparse's report on a subclass argument (``--data``),
+    which lists it among the failed alternatives of ``Optional[LightningDataModule]``."""
+    if not message.startswith("Does not validate against any of the Union subtypes"):
+        return message
+    causes = [line[4:] for line in message.splitlines() if line.startswith("  - ") and "NoneType" not in line]
+    named = re.search(r"class_path='([^']+)'", message)
+    return f"{named[1] if named else 'data'}: {causes[0]}" if causes else message
 
 
 if __name__ == "__main__":

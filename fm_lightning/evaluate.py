@@ -563,7 +563,12 @@ def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | No
             raise ValueError(f"cannot rebuild the target recorded in the checkpoint ({err}); pass --target") from err
     data = _run_config(ckpt, data_config)
     if data is not None and "target" in data:
-        return make_distribution(data.target, dim=dim)
+        try:
+            return make_distribution(data.target, dim=dim)
+        except (ValueError, FileNotFoundError) as err:
+            where = f"--data-config {data_config!r}" if data_config else "the run's config"
+            raise ValueError(f"data.target of {where}: {err} (a relative path is read from the current folder "
+                             "unless the config is a Hydra run's); pass --target") from None
     if data_config:
         raise ValueError(f"--data-config {data_config!r} has no data.target; pass --target NAME or FILE.npy")
     raise ValueError(

@@ -37,18 +37,23 @@ def wasserstein2(x: Tensor, y: Tensor) -> float:
     return float(np.sqrt(max(ot.emd2(a, b, cost, numItermax=10_000_000), 0.0)))
 
 
-def rbf_mmd2(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> float:
-    """Unbiased squared maximum mean discrepancy between (n, d) and (m, d) samples.
+def rbf_mmd2(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | None = None) -> float:
+    """Unbiased squared maximum mean discrepancy between (n, d) samples ``x`` and (m, d) reference samples ``y``.
 
     ``MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y)`` with the multi-scale RBF kernel
     ``k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2))`` over ``bandwidths``; the within-set terms
     leave out the diagonal (U-statistic), so the estimate is unbiased and may be slightly < 0.
+    By default the bandwidths are 0.1, 0.2, 0.5, 1, 2 and 5 times the median distance between
+    reference points, so the value does not depend on the data's units.
     """
     x, y = x.detach().flatten(1).double().cpu(), y.detach().flatten(1).double().cpu()
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"MMD needs equal dimensions, got {x.shape[1]} and {y.shape[1]}")
     if len(x) < 2 or len(y) < 2:
         raise ValueError("MMD needs at least 2 samples on each side")
+    if bandwidths is None:
+        median = float(torch.pdist(y[:1000]).median())
+        bandwidths = tuple(f * median for f in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) if median > 0 else (1.0,)
 
     def kernel(a: Tensor, b: Tensor) -> Tensor:
         sq = torch.cdist(a, b).square()

@@ -277,13 +277,22 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
         recorded.update(_flat(dict(ckpt["datamodule_hyper_parameters"]), "data"))
         current.update(_flat(dict(getattr(datamodule, "hparams", None) or {}), "data"))
     # A key on one side only is an argument the code added or dropped since (another class
-    # differs in its _target_, on both sides).
+    # differs in its _target_, on both sides): a points file recorded before points had a
+    # fingerprint is compared by its path.
     differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    # Points of the same fingerprint are the same data wherever the file is now (moved since).
+    moved = {k[: -len("fingerprint")] + "file" for k in recorded.keys() & current.keys()
+             if k.endswith(".fingerprint") and recorded[k] == current[k]}
+    differ = [k for k in differ if k not in moved]
     if not differ:
         return
     classes = [k[: -len("_target_")] for k in differ if k.endswith("._target_")]  # their arguments differ too
     shown = [k for k in differ if k.endswith("._target_") or not any(k.startswith(c) for c in classes)]
     diffs = "; ".join(f"{k}: {recorded[k]!r} there, {current[k]!r} here" for k in shown)
+    changed = [k[: -len(".fingerprint")] for k in shown if k.endswith(".fingerprint")]
+    if changed:
+        diffs += (f"; the points of {', '.join(changed)} are not the ones the run trained on (another content "
+                  "fingerprint): restore the file the run used, or pass it")
     overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]

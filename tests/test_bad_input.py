@@ -34,6 +34,7 @@ def earlier(tmp_path_factory):
     np.savez(root / "pairs_ragged.npz", x0=np.zeros((10, 2), np.float32), x1=np.zeros((8, 2), np.float32))
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "ragged.csv").write_text("1,2\n3\n")
+    (root / "pandas_index.csv").write_text(",x,y\n0,1.5,2\n1,3,4\n2,5,6\n")  # DataFrame.to_csv's default index=True
     (root / "bad_mnist/MNIST/raw").mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
@@ -75,6 +76,14 @@ def _damaged_checkpoints(root: Path, good: Path) -> None:
     ckpt["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Points",
                                           "init_args": {"file": str(root / "moved_since_training.npy")}}
     torch.save(ckpt, root / "moved_source.ckpt")
+    points = {"class_path": "datamodules.toy.Points",  # two_d.npy held other points when it was trained on
+              "init_args": {"file": str(root / "two_d.npy"), "fingerprint": "10x2:0000000000000000"}}
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["source"] = points
+    torch.save(ckpt, root / "changed_source.ckpt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["datamodule_hyper_parameters"]["target"] = points
+    torch.save(ckpt, root / "changed_target.ckpt")
     ckpt = torch.load(good, weights_only=True)
     ckpt["hyper_parameters"]["source"] = {"class_path": "datamodules.toy.Gaussian", "init_args": {"dim": 2, "std": 1.0}}
     ckpt["hyper_parameters"]["flow"]["init_args"]["path"] = {"class_path": "fm_lightning.flow.paths.LipmanOTPath",
@@ -118,6 +127,8 @@ CASES = {
     "points without a file": (train("data.target=points"), "'points' needs a file"),
     "CSV with a short row": (train("data.target={root}/ragged.csv"), "number of columns changed"),
     "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
+    "CSV with pandas' row index": (train("data.target={root}/pandas_index.csv"),
+                                   "its first column is a row index, not a coordinate (header on line 1: ',x,y'"),
     "points file of another format": (train("data.target={root}/npy_named.npz"),
                                       "not a valid .npz file: it holds a single .npy array; rename it to end in .npy"),
     "distribution without a name": (train("data.target={{radius:3}}"), "has no name; add name: one of ['2spirals'"),
@@ -251,6 +262,18 @@ CASES = {
                                     "(moved since training?); pass --source-file"),
     "reflow a moved source file": (fm_reflow("{root}/moved_source.ckpt", "--out", "{root}/p.npz"),
                                    "(moved since training?); pass --source-file"),
+    "fm-sample a source file that changed since training": (
+        fm_sample("{root}/changed_source.ckpt", "--out", "{root}/s.npz"),
+        "changed since training (fingerprint 10x2:0000000000000000, now 10x2:"),
+    "fm-eval a source file that changed since training": (
+        fm_eval("{root}/changed_source.ckpt", "--metrics", "w2", "--out", "{root}/eval"),
+        "changed since training (fingerprint 10x2:0000000000000000, now 10x2:"),
+    "fm-eval a target file that changed since training": (
+        fm_eval("{root}/changed_target.ckpt", "--metrics", "w2", "--out", "{root}/eval"),
+        "changed since training (fingerprint 10x2:0000000000000000, now 10x2:"),
+    "reflow a source file that changed since training": (
+        fm_reflow("{root}/changed_source.ckpt", "--out", "{root}/p.npz"),
+        "changed since training (fingerprint 10x2:0000000000000000, now 10x2:"),
     "reflow steps for its adaptive solver": (fm_reflow(EARLIER_CKPT, "--steps", "10", "--out", "{root}/p.npz"),
                                              "--steps applies to the fixed-step solvers"),
 }

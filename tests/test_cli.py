@@ -3,6 +3,7 @@ checkpoint checks, one folder per run, predict and test outputs."""
 
 from __future__ import annotations
 
+import csv as csv_module
 import os
 import pickle
 import shutil
@@ -281,3 +282,25 @@ def test_fm_cli_validate_test_and_predict_run_from_a_checkpoint(tmp_path, toy_ck
     assert f"wrote 64 samples to {path}" in proc.stdout
     samples = np.load(path)["samples"]
     assert samples.shape == (64, 2) and np.isfinite(samples).all()
+
+
+def test_fm_cli_validate_of_the_last_checkpoint_gives_fits_final_metrics(tmp_path, monkeypatch):
+    """validate restores no training loops (its global_step is 0); the W2 target draw must still
+    be the one fit used at that checkpoint's step."""
+    monkeypatch.chdir(tmp_path)
+    csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main(["fit", "--config", TOY, *TINY, *csv, f"--trainer.default_root_dir={tmp_path}"])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    fit_rows = list(csv_module.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    fit_w2 = [float(r["val/w2"]) for r in fit_rows if r.get("val/w2")][-1]
+    main(["validate", "--config", TOY, *TINY, *csv[:1], f"--trainer.logger.init_args.save_dir={tmp_path / 'v'}",
+          f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path / 'v'}"])
+    rows = list(csv_module.DictReader(open(next((tmp_path / "v").rglob("metrics.csv")))))
+    assert float(rows[-1]["val/w2"]) == pytest.approx(fit_w2, rel=1e-6)
+
+
+def test_a_data_error_is_the_classes_own_line(capsys):
+    """jsonargparse reports a failed --data among the alternatives of its Optional type, with the
+    whole namespace; fm-cli keeps the datamodule's own message."""
+    line = _fit_error(capsys, "--data.init_args.target=nope")
+    assert line.startswith("fm-cli: error: datamodules.toy.ToyDataModule: unknown distribution 'nope'; choose one of")

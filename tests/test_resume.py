@@ -289,3 +289,46 @@ def test_a_resume_on_other_images_is_refused(tmp_path):
         run(cfg)
     cfg = compose_config([*common, "data.batch_size=16", "trainer.max_steps=10", f"ckpt_path={last}"], run_dir)
     assert run(cfg)["global_step"] == 10  # how the same images are batched may change
+
+
+def test_a_resume_knows_its_points_files_by_their_contents_wherever_they_are_now(tmp_path, monkeypatch, capsys):
+    """Checkpoints record a fingerprint of each points file's points: a resume takes the run's
+    points from wherever they are now (moved, or given by a relative path) and refuses other
+    points at the recorded path; fm-sample refuses a recorded source whose file now holds other
+    points, while --source-file still replaces it. Checkpoints without fingerprints still load."""
+    from fm_lightning import sample
+    from fm_lightning.module import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    src, tgt = tmp_path / "src.csv", tmp_path / "tgt.npy"
+    np.savetxt(src, rng.normal(size=(200, 2)), delimiter=",", header="x,y", comments="")
+    np.save(tgt, rng.normal(size=(200, 2)).astype(np.float32) + 3)
+    run_dir, last = tmp_path / "run", tmp_path / "run/checkpoints/last.ckpt"
+    common = ["debug=fast", "logger=none", "callbacks.samples=null"]
+    run(compose_config([*common, f"data.source={src}", f"data.target={tgt}", "trainer.max_steps=10"], run_dir))
+    moved = tmp_path / "moved/src.csv"
+    moved.parent.mkdir()
+    src.rename(moved)
+    monkeypatch.chdir(tmp_path)
+
+    def resume(steps, source=str(moved), target="tgt.npy"):
+        return run(compose_config([*common, f"data.source={source}", f"data.target={target}",
+                                   f"trainer.max_steps={steps}", f"ckpt_path={last}"], run_dir))
+
+    assert resume(20)["global_step"] == 20
+    np.save(tgt, rng.normal(size=(200, 2)).astype(np.float32) + 13)  # other points at the recorded path
+    with pytest.raises(UserError, match=r"data.target.fingerprint: '200x2:[0-9a-f]{16}' there, '200x2:[0-9a-f]{16}' "
+                                        r"here; the points of data.target are not the ones the run trained on"):
+        resume(30)
+    np.savetxt(moved, rng.normal(size=(200, 2)) + 10, delimiter=",")
+    assert sample.main([str(last), "--num-samples", "5", "--out", str(tmp_path / "a.npz")]) == 2
+    assert f"points file {str(moved)!r} changed since training (fingerprint 200x2:" in capsys.readouterr().err
+    assert sample.main([str(last), "--num-samples", "5", "--out", str(tmp_path / "b.npz"),
+                        "--source-file", str(moved)]) == 0  # --source-file replaces the recorded source
+    # A checkpoint written before fingerprints: its paths alone are compared, as before.
+    older = torch.load(last, weights_only=True)
+    del older["hyper_parameters"]["source"]["init_args"]["fingerprint"]
+    del older["datamodule_hyper_parameters"]["target"]["init_args"]["fingerprint"]
+    torch.save(older, last)
+    assert load_checkpoint(last).source.file == str(moved)
+    assert resume(30)["global_step"] == 30

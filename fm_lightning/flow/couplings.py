@@ -46,8 +46,8 @@ def _all_gather(x: Tensor, sizes: list[int]) -> Tensor:
 def squared_cost(x0: Tensor, x1: Tensor) -> Tensor:
     """Pairwise squared Euclidean cost (B0, B1) between flattened rows, in float64:
     ``|a|^2 + |b|^2 - 2 a.b``, as ``torch.cdist`` computes it for batches over 25 rows, without
-    its square root (4x faster at B = 256)."""
-    a, b = x0.flatten(1).double(), x1.flatten(1).double()
+    its square root (4x faster at B = 256). Detached: the couplings use it only to pick indices."""
+    a, b = x0.detach().flatten(1).double(), x1.detach().flatten(1).double()
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]).addmm_(a, b.T, alpha=-2).clamp_min_(0)
 
 
@@ -238,7 +238,7 @@ class SinkhornOTCoupling(Coupling):
     Args:
         reg: entropic regularisation ``epsilon > 0`` (finite) on the *unnormalised* squared cost.
             Schrodinger-bridge CFM uses ``reg = 2*sigma**2``; ``None`` lets the objective
-            fill that in from its path.
+            fill that in from its path (in its own copy; this object keeps ``None``).
         num_iters: maximum Sinkhorn iterations in all (epsilon-scaling stages included).
         global_batch: solve on the batch gathered from all ranks (see :class:`ExactOTCoupling`).
         tol: stop when ``max |B * row sums - 1|`` and ``max |B * column sums - 1|`` are below it
@@ -291,7 +291,14 @@ class SinkhornOTCoupling(Coupling):
                     self.reg,
                 )
             return ExactOTCoupling().pair_indices(x0, x1, generator)
-        probs = torch.as_tensor(pi.reshape(-1) / pi.sum(), dtype=torch.float64)
-        flat = torch.multinomial(probs, n, replacement=True, generator=generator)
-        i, j = flat // pi.shape[1], flat % pi.shape[1]
+        i, j = _draw_pairs(torch.as_tensor(pi), n, generator)
         return i.to(x0.device), j.to(x1.device)
+
+
+def _draw_pairs(plan: Tensor, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``n`` index pairs ``(i, j)`` (n,) drawn with replacement, ``P(i, j) = plan[i, j] / plan.sum()``
+    for a (B0, B1) plan: rows ``i`` from the row sums, then ``j`` from row ``i``. Two stages, since
+    ``torch.multinomial`` takes at most 2^24 categories (B0 * B1 is more for B > 4096)."""
+    i = torch.multinomial(plan.sum(1), n, replacement=True, generator=generator)
+    j = torch.multinomial(plan[i], 1, generator=generator).squeeze(1)
+    return i, j

@@ -4,7 +4,8 @@ Everything goes through the one torchdyn adapter, :func:`fm_lightning.flow.solve
 state ``x`` (B, *shape) is flattened and extended by ``k`` scalar channels, ``s = [x, a]``
 (B, D + k), and the augmented field returns ``[v(x, t), g(x, t)]``. The NFE reported is the
 number of augmented-field evaluations, i.e. of velocity evaluations (each divergence also
-costs backward passes: ``D`` for the exact one, one for Hutchinson's).
+costs backward passes: ``D`` for the exact one, one for Hutchinson's). The divergences leave
+inference mode for their backward passes, so all of this also runs under ``torch.inference_mode``.
 
 - **Log-likelihood** (instantaneous change of variables, Chen et al. 2018):
   ``d/dt log p_t(x_t) = -div v(x_t, t)``, so ``log p_1(x_1) = log p_0(x_0) - int_0^1 div v dt``.
@@ -49,6 +50,13 @@ Divergence = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
 
 
+def _grad_input(x: Tensor) -> Tensor:
+    """A copy of ``x`` that requires grad. Called outside inference mode, the copy is a normal
+    tensor even when ``x`` was made under ``torch.inference_mode`` (Lightning's validate, test and
+    predict), which autograd could not record."""
+    return x.detach().clone().requires_grad_(True)
+
+
 def exact_divergence(velocity: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """The velocity and its exact divergence ``div v = sum_i dv_i/dx_i``.
 
@@ -64,8 +72,8 @@ def exact_divergence(velocity: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, 
     Returns:
         ``(v, div)``: ``v`` (B, *shape) and ``div`` (B,), both detached.
     """
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        x, t = _grad_input(x), t.clone()
         v = velocity(x, t)
         flat = v.flatten(1)
         dims = flat.shape[1]
@@ -91,8 +99,8 @@ def hutchinson_divergence(velocity: Velocity, x: Tensor, t: Tensor, probe: Tenso
     Returns:
         ``(v, estimate)``: ``v`` (B, *shape) and the estimate (B,), both detached.
     """
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        x, t, probe = _grad_input(x), t.clone(), probe.clone()
         v = velocity(x, t)
         (vjp,) = torch.autograd.grad((v * probe).sum(), x)
     return v.detach(), (vjp * probe).flatten(1).sum(1).detach()

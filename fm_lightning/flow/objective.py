@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +56,7 @@ class CFMObjective:
         if isinstance(self.coupling, SinkhornOTCoupling) and self.coupling.reg is None:
             if not isinstance(path, SchrodingerBridgePath):
                 raise ValueError("SinkhornOTCoupling(reg=None) needs a SchrodingerBridgePath (reg = 2*sigma**2)")
+            self.coupling = copy.copy(self.coupling)  # the caller's coupling may serve another sigma
             self.coupling.reg = 2 * path.sigma**2
 
     def draw(

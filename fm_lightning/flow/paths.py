@@ -2,6 +2,8 @@
 
 Every path draws ``x_t = mu_t(x0, x1) + sigma_t * eps`` and returns the target
 ``u_t = d/dt x_t`` at fixed ``(x0, x1, eps)``. Tensors are ``(B, *shape)``; ``t`` is ``(B,)``.
+``t`` and the coefficients are computed in at least float32 (16-bit data would round ``t = 0.999``
+to 1); only ``x_t`` and ``u_t`` are cast to the data dtype.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ class PathSample:
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
-    """Reshape ``t`` (B,) to broadcast against ``like`` (B, *shape)."""
-    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    """Reshape ``t`` (B,) to broadcast against ``like`` (B, *shape), in the dtype of ``t`` and
+    ``like`` promoted to at least float32 (float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(t.dtype, like.dtype), torch.float32)
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(dtype)
 
 
 class ProbabilityPath:
@@ -83,7 +87,7 @@ class ICFMPath(ProbabilityPath):
         xt = tb * x1 + (1 - tb) * x0
         if self.sigma > 0:
             xt = xt + self.sigma * eps
-        return xt, x1 - x0
+        return xt.to(x1.dtype), x1 - x0
 
 
 class LipmanOTPath(ProbabilityPath):
@@ -108,8 +112,8 @@ class LipmanOTPath(ProbabilityPath):
         sigma_t = 1 - (1 - self.sigma_min) * tb
         xt = tb * x1 + sigma_t * x0
         # Equal to (x1 - (1 - sigma_min) * xt) / sigma_t, without dividing by ~0 at t=1.
-        ut = x1 - (1 - self.sigma_min) * x0
-        return xt, ut
+        ut = x1 - (1 - self.sigma_min) * x0.to(tb.dtype)
+        return xt.to(x1.dtype), ut.to(x1.dtype)
 
 
 class VPPath(ProbabilityPath):
@@ -133,7 +137,7 @@ class VPPath(ProbabilityPath):
         xt = cos * x0 + sin * x1
         if self.sigma > 0:
             xt = xt + self.sigma * eps
-        return xt, (math.pi / 2) * (cos * x1 - sin * x0)
+        return xt.to(x1.dtype), ((math.pi / 2) * (cos * x1 - sin * x0)).to(x1.dtype)
 
 
 class SchrodingerBridgePath(ProbabilityPath):
@@ -159,4 +163,4 @@ class SchrodingerBridgePath(ProbabilityPath):
         var = (tb * (1 - tb)).clamp_min(1e-6)
         xt = tb * x1 + (1 - tb) * x0 + self.sigma * torch.sqrt(tb * (1 - tb)) * eps
         ut = self.sigma * (1 - 2 * tb) / (2 * torch.sqrt(var)) * eps + x1 - x0
-        return xt, ut
+        return xt.to(x1.dtype), ut.to(x1.dtype)

@@ -138,7 +138,7 @@ def odeint(
         rtol: relative tolerance of adaptive solvers.
         num_saves: if > 1, also return the trajectory at this many evenly spaced times.
         t0: start time.
-        t1: end time (may be < ``t0`` to integrate backwards).
+        t1: end time (may be < ``t0`` to integrate backwards; ``t1 == t0`` returns ``x0``, NFE 0).
 
     Raises ``ValueError`` on a non-finite velocity, or when an adaptive solver needs more than
     :data:`MAX_NFE` evaluations.
@@ -164,12 +164,16 @@ def odeint(
     else:
         t_span = torch.linspace(s0, s1, max(num_saves, 2), device=device)
         kwargs = {"atol": atol, "rtol": rtol}
-    with torch.no_grad(), torch.autocast(device.type, enabled=False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting tolerances has no effect")
-        try:
-            t_eval, traj = torchdyn_odeint(f, x0, t_span, _torchdyn_solver(solver), **kwargs)
-        except _SolveFailed as err:
-            raise ValueError(f"{solver}: {err}") from None
+    if t0 == t1:  # nothing to integrate (torchdyn's fixed-step loop asserts): x0 at every save
+        t_eval = kwargs.get("save_at", t_span)
+        traj = x0.expand(len(t_eval), *x0.shape).clone()
+    else:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Setting tolerances has no effect")
+            try:
+                t_eval, traj = torchdyn_odeint(f, x0, t_span, _torchdyn_solver(solver), **kwargs)
+            except _SolveFailed as err:
+                raise ValueError(f"{solver}: {err}") from None
     if reverse:
         t_eval = -t_eval
     if num_saves > 1:

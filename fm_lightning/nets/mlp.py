@@ -16,9 +16,11 @@ class _ExpLinearFunction(torch.autograd.Function):
 
     torch's CPU kernel uses ``expm1``, which its AVX-512 code runs ~10x slower than ``exp``
     (256x256 float32: 0.57 ms against 0.06 ms), so SELU took a third of the default MLP's step.
-    ``exp(x) - 1`` differs from ``expm1`` by < 2e-7 absolute. The backward is torch's own.
-    Written with ``forward(ctx, ...)``: a Function with a separate ``setup_context`` binds its
-    arguments through ``inspect.signature`` at every call (~20 us, 3 calls per step)."""
+    In float32/float64 ``exp(x) - 1`` differs from ``expm1`` by < 2e-7 absolute (in 16-bit dtypes
+    it loses the small values near 0, so :class:`ExpLinear` uses torch's kernel there). The
+    backward and the forward-mode ``jvp`` are torch's own ``elu_backward`` (the Jacobian is
+    diagonal). Written with ``forward(ctx, ...)``: a Function with a separate ``setup_context``
+    binds its arguments through ``inspect.signature`` at every call (~20 us, 3 calls per step)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float, scale: float) -> Tensor:
@@ -26,6 +28,7 @@ class _ExpLinearFunction(torch.autograd.Function):
         out = (x - neg).mul_(scale).add_(torch.exp(neg).sub_(1).mul_(alpha * scale))
         ctx.alpha, ctx.scale = alpha, scale
         ctx.save_for_backward(out)
+        ctx.save_for_forward(out)
         return out
 
     @staticmethod
@@ -33,18 +36,25 @@ class _ExpLinearFunction(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         return torch.ops.aten.elu_backward(grad, ctx.alpha, ctx.scale, 1.0, True, out), None, None
 
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _alpha: None, _scale: None) -> Tensor:
+        """Forward-mode derivative: the tangent (shape of ``x``) times the diagonal Jacobian."""
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.elu_backward(tangent, ctx.alpha, ctx.scale, 1.0, True, out)
+
 
 class ExpLinear(nn.Module):
     """ELU (``alpha=1, scale=1``) or SELU (its default constants) with the fast CPU path of
-    :class:`_ExpLinearFunction`; other devices, and ``torch.func`` transforms (vmap, jacrev),
-    use torch's kernel."""
+    :class:`_ExpLinearFunction` for float32/float64; other dtypes (float16, bfloat16), other
+    devices, and ``torch.func`` transforms (vmap, jacrev) use torch's kernel."""
 
     def __init__(self, alpha: float = 1.6732632423543772, scale: float = 1.0507009873554805) -> None:
         super().__init__()
         self.alpha, self.scale = alpha, scale
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or torch._C._are_functorch_transforms_active():
+        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        if not fast or torch._C._are_functorch_transforms_active():
             return torch.ops.aten.elu(x, self.alpha, self.scale, 1.0)
         return _ExpLinearFunction.apply(x, self.alpha, self.scale)
 
@@ -68,7 +78,8 @@ class MLP(nn.Module):
         depth: number of hidden layers (>= 1).
         activation: nonlinearity between layers.
         num_classes: if > 0, a learned embedding of ``cond`` (B,) labels is added to the
-            first hidden layer; label ``num_classes`` is the null (unconditional) class.
+            first hidden layer; label ``num_classes`` is the null (unconditional) class, which
+            ``cond=None`` means.
     """
 
     def __init__(
@@ -93,8 +104,10 @@ class MLP(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP(dim={self.dim}) expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         h = self.inp(torch.cat([x, t.reshape(-1, 1).to(x.dtype).expand(x.shape[0], 1)], 1))
-        if cond is not None:
-            if self.label_emb is None:
-                raise ValueError("this MLP is unconditional (num_classes=0) but got cond labels")
-            h = h + self.label_emb(cond)
+        if self.label_emb is not None:
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            h = h + self.label_emb(cond.long())
+        elif cond is not None:
+            raise ValueError("this MLP is unconditional (num_classes=0) but got cond labels")
         return self.body(h)

@@ -38,10 +38,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 (stable under bf16/fp16 autocast), cast back to the input dtype."""
+    """GroupNorm of ``x`` (B, C, H, W); 16-bit inputs (autocast, or a ``.half()`` /
+    ``.bfloat16()`` net) are normalised in fp32 and cast back, float32/float64 as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

@@ -268,6 +268,113 @@ def test_points_unknown_extension_and_garbage(tmp_path):
         Points(str(g))
 
 
+def _lines(rows, sep=","):
+    return "\n".join(sep.join(map(str, row)) for row in rows) + "\n"
+
+
+# pandas' DataFrame(PTS, columns=["x", "y"]).to_csv(f) writes its row index as a first column (index=True);
+# read back and written again it is "Unnamed: 0"; after reset_index() it is "index".
+@pytest.mark.parametrize("header, sep", [(",x,y", ","), (",0,1", ","), ("Unnamed: 0,x,y", ","), ("index,x,y", ","),
+                                         ("x\ty", "\t")], ids=["named", "unnamed", "reread", "reset_index", "tabs"])
+def test_points_csv_with_pandas_row_index_is_refused_in_one_line(tmp_path, header, sep):
+    f = tmp_path / "pts.csv"
+    f.write_text(header + "\n" + _lines([[i, *row] for i, row in enumerate(PTS)], sep))
+    with pytest.raises(ValueError, match=r"its first column is a row index, not a coordinate \(header on line 1: "
+                                         r".*values 0\.\.3\), as pandas' DataFrame.to_csv writes by default; write "
+                                         r"the file with to_csv\(\.\.\., index=False\), or drop that column") as err:
+        Points(str(f))
+    assert "\n" not in str(err.value)
+    # An unnamed first column that is no row index is a coordinate like any other.
+    f.write_text(",x,y\n" + _lines([[7 - i, *row] for i, row in enumerate(PTS)]))
+    assert Points(str(f)).data[:, 0].tolist() == [7, 6, 5, 4]
+
+
+@pytest.mark.parametrize("sep", [" ", "\t", "  "], ids=["spaces", "tabs", "aligned"])
+@pytest.mark.parametrize("header", ["", "x{sep}y\n"], ids=["no-header", "header"])
+def test_points_separated_by_spaces_or_tabs_keep_their_first_row(tmp_path, sep, header):
+    """numpy.savetxt's default: spaces. A first row that is a point is data, not a "header"."""
+    f = tmp_path / "pts.csv"
+    f.write_text("# written by numpy.savetxt\n" + header.format(sep=sep) + _lines(PTS, sep))
+    _check_points(Points(str(f)))
+
+
+def test_points_csv_header_must_have_as_many_fields_as_the_rows(tmp_path):
+    f = tmp_path / "pts.csv"
+    f.write_text("points\n" + _lines(PTS))
+    with pytest.raises(ValueError, match=r"line 1 looks like a header \('points'\) but has 1 field\(s\) where line 2 "
+                                         r"has 2; a header line needs as many fields as the lines below it"):
+        Points(str(f))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("# exported\n\nx,y\n1,2\n3,4x\n", "line 5, field 2: '4x' is not a number"),
+    ("# exported\n1,2\n\n3\n5,6\n", "the number of columns changed from 2 (line 2) to 1 at line 4 of the file"),
+    ("x;y\n1;2\n3;4\n", "line 2, field 1: '1;2' is not a number; separate them by commas, not semicolons"),
+    ("1 2\n# note\n3 4\n5 six\n", "line 4, field 2: 'six' is not a number"),
+], ids=["typo-after-comments-and-header", "short-row-after-blank", "semicolons", "spaces"])
+def test_points_csv_errors_name_the_line_of_the_file(tmp_path, text, message):
+    """Line numbers count every line, as an editor does: comments, blank lines and the header too."""
+    f = tmp_path / "pts.csv"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Points(str(f))
+
+
+def test_points_csv_header_of_column_numbers_is_a_header(tmp_path):
+    """pandas' DataFrame(PTS).to_csv(index=False) names the columns 0, 1, ..., d-1."""
+    f = tmp_path / "pts.csv"
+    f.write_text("0,1\n" + _lines(PTS))
+    _check_points(Points(str(f)))
+    f.write_text("0,1,2\n" + _lines(np.c_[PTS, PTS[:, :1]]))
+    assert Points(str(f)).data.shape == (4, 3)
+    f.write_text("0\n5\n7\n")  # one column: 0 is a point
+    assert Points(str(f)).data[:, 0].tolist() == [0, 5, 7]
+    f.write_text("0,2\n" + _lines(PTS))  # not 0..d-1: a point
+    assert Points(str(f)).data.shape == (5, 2)
+
+
+def test_points_record_a_fingerprint_of_their_contents(tmp_path):
+    """The same points give the same fingerprint in any file; a checkpoint's recorded
+    fingerprint refuses a file that holds other points now; a fresh Points takes any."""
+    from fm_lightning.spec import from_spec, to_spec
+
+    npy, csv = tmp_path / "pts.npy", tmp_path / "pts.csv"
+    np.save(npy, PTS)
+    csv.write_text("x,y\n" + _lines(PTS))
+    points = Points(str(npy))
+    assert points.fingerprint == Points(str(csv)).fingerprint
+    assert re.fullmatch(r"4x2:[0-9a-f]{16}", points.fingerprint)
+    spec = to_spec(points)
+    assert spec["init_args"] == {"file": str(npy), "fingerprint": points.fingerprint}
+    _check_points(from_spec(spec))
+    np.save(npy, PTS + 10)
+    with pytest.raises(ValueError, match=re.escape(
+            f"points file {str(npy)!r} changed since training (fingerprint {points.fingerprint}, now "
+            f"{Points(str(npy)).fingerprint}); restore it, or pass the file the run used: --source-file")) as err:
+        from_spec(spec)
+    assert "\n" not in str(err.value)
+    assert Points(str(npy)).fingerprint != points.fingerprint  # a fresh one reads what is there
+    del spec["init_args"]["fingerprint"]  # a checkpoint written before fingerprints: as before
+    assert torch.equal(from_spec(spec).data, torch.as_tensor(PTS + 10, dtype=torch.float32))
+
+
+def test_points_paths_expand_home_and_resolve_from_the_launch_directory(tmp_path, monkeypatch):
+    """``~`` is expanded (``--source-file=~/pts.npy`` reaches Python unexpanded); a relative path is
+    taken from the launch directory, also when Hydra has changed into the run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    np.save(tmp_path / "pts.npy", PTS)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Points("~/pts.npy").file == str(tmp_path / "pts.npy")
+    run_dir = tmp_path / "outputs/run"
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(run_dir)  # hydra.job.chdir=true: fm-train runs in the run directory
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}}}))
+    _check_points(make_distribution("pts.npy"))
+    assert Points("pts.npy").file == str(tmp_path / "pts.npy")
+
+
 def _write(path, kind):
     """``path`` holding PTS as ``kind`` (``.npy``, ``.npz``, ``.csv`` contents, or nothing), whatever its name."""
     with open(path, "wb") as f:  # np.save/np.savez would append their own extension to the name
@@ -314,7 +421,7 @@ def test_every_distribution_argument_has_its_range_checked():
     """NaN is outside every documented range: each constructor argument refuses it by name."""
     for name, cls in DISTRIBUTIONS.items():
         for param in inspect.signature(cls).parameters:
-            if (name, param) not in (("points", "file"), ("gaussian", "dim")):
+            if (name, param) not in (("points", "file"), ("points", "fingerprint"), ("gaussian", "dim")):
                 with pytest.raises(ValueError, match=f"distribution '{name}': {param} must be .*, got nan"):
                     make_distribution({"name": name, param: float("nan")})
     with pytest.raises(ValueError, match="distribution 'gaussian': dim must be"):

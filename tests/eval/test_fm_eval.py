@@ -59,6 +59,11 @@ def test_a_given_data_config_overrides_the_recorded_target(ckpt, tmp_path, capsy
     config.write_text("data:\n  dim: 2\n")
     assert evaluate.main([str(ckpt), "--data-config", str(config), *out, str(tmp_path / "b")]) == 2
     assert "has no data.target; pass --target" in capsys.readouterr().err
+    # an fm-cli run's config.yaml holds the path as typed, relative to where fm-cli was started
+    config.write_text("data:\n  class_path: datamodules.toy.ToyDataModule\n  init_args:\n    target: ../t.npy\n")
+    assert evaluate.main([str(ckpt), "--data-config", str(config), *out, str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"data.target of --data-config '{config}': points file" in err and "does not exist" in err
 
 
 def test_target_comes_from_the_run_config_when_the_checkpoint_lacks_it(ckpt, tmp_path):

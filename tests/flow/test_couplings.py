@@ -384,3 +384,50 @@ def test_objective_fills_sb_reg(sigma):
     # An explicit reg is kept.
     obj = CFMObjective(SchrodingerBridgePath(sigma), SinkhornOTCoupling(reg=0.7))
     assert obj.coupling.reg == 0.7
+
+
+def test_objective_does_not_write_reg_into_the_callers_coupling():
+    """One SinkhornOTCoupling(reg=None) shared by two objectives: each gets 2*sigma**2 of its own path."""
+    shared = SinkhornOTCoupling(reg=None)
+    a = CFMObjective(SchrodingerBridgePath(1.0), shared)
+    b = CFMObjective(SchrodingerBridgePath(0.5), shared)
+    assert (a.coupling.reg, b.coupling.reg, shared.reg) == (2.0, 0.5, None)
+
+
+def test_sinkhorn_draws_pairs_for_batches_over_4096():
+    """B*B > 2^24 (torch.multinomial's limit on categories) still draws B valid pairs."""
+    b = 4097
+    x0 = torch.arange(b, dtype=torch.float32)[:, None]
+    i, j = SinkhornOTCoupling(reg=1e6).pair_indices(x0, x0 + 0.5, torch.Generator().manual_seed(0))
+    assert i.shape == j.shape == (b,)
+    assert 0 <= int(i.min()) and int(i.max()) < b and 0 <= int(j.min()) and int(j.max()) < b
+
+
+def test_sinkhorn_pair_frequencies_match_the_plan():
+    """Pairs drawn from a plan with strongly dependent rows and columns have the plan's frequencies
+    (within 5 binomial standard deviations), not those of its marginals; draws are reproducible."""
+    from fm_lightning.flow.couplings import _draw_pairs
+
+    plan = torch.tensor([[0.30, 0.0, 0.05, 0.0], [0.0, 0.20, 0.0, 0.10], [0.05, 0.05, 0.15, 0.10]], dtype=torch.float64)
+    n = 200_000
+    i, j = _draw_pairs(plan, n, torch.Generator().manual_seed(0))
+    freq = torch.zeros_like(plan).index_put_((i, j), torch.ones(n, dtype=torch.float64), accumulate=True) / n
+    p = plan / plan.sum()
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+    i2, j2 = _draw_pairs(plan, n, torch.Generator().manual_seed(0))
+    assert torch.equal(i, i2) and torch.equal(j, j2)
+
+
+@pytest.mark.parametrize("coupling", [ExactOTCoupling(), SinkhornOTCoupling(reg=0.5)], ids=repr)
+def test_ot_couplings_accept_inputs_that_require_grad(coupling):
+    """The cost only picks indices; gradients flow through the returned x0[i], x1[j]:
+    d/dx sum(w0 * x0[i]) = w0 summed over the rows that picked x (found by matching values)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 2, generator=g, dtype=torch.float64).requires_grad_()
+    x1 = (torch.randn(6, 2, generator=g, dtype=torch.float64) + 1).requires_grad_()
+    w0, w1 = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    y0, y1, _ = coupling(x0, x1, generator=g)
+    ((y0 * w0).sum() + (y1 * w1).sum()).backward()
+    i, j = _row_index(y0.detach(), x0.detach()), _row_index(y1.detach(), x1.detach())
+    torch.testing.assert_close(x0.grad, torch.zeros_like(w0).index_add_(0, i, w0), rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, torch.zeros_like(w1).index_add_(0, j, w1), rtol=0, atol=0)

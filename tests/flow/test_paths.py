@@ -173,3 +173,20 @@ def test_sample_rejects_mismatched_shapes_and_returns_dataclass():
     s = ICFMPath().sample(x0, x1, torch.full((4,), 0.25, dtype=torch.float64))
     assert s.xt.shape == s.ut.shape == x0.shape and s.t.shape == (4,)
     torch.testing.assert_close(s.xt, 0.75 * x0 + 0.25 * x1)
+
+
+@pytest.mark.parametrize("path", [ICFMPath(0.0), LipmanOTPath(1e-4), VPPath(0.0), SchrodingerBridgePath(1.0)], ids=repr)
+def test_16bit_data_keeps_t_and_coefficients_in_float32(path):
+    """With bf16 data at t = 0.999 (bf16 rounds it to 1), x_t and u_t are the float32 answer on the
+    same inputs, rounded once to bf16 (the SB u_t coefficient is -15.8 there; at t = 1 it is -500)."""
+    x0, x1, eps = (v.to(torch.bfloat16) for v in _draw((64, 3)))
+    t = torch.full((64,), 0.999)
+    xt, ut = path.interpolate(x0, x1, t, eps)
+    ref_xt, ref_ut = path.interpolate(x0.float(), x1.float(), t, eps.float())
+    assert xt.dtype == ut.dtype == torch.bfloat16
+    torch.testing.assert_close(xt.float(), ref_xt, rtol=2**-8, atol=0)
+    torch.testing.assert_close(ut.float(), ref_ut, rtol=2**-8, atol=0)
+    if isinstance(path, SchrodingerBridgePath):
+        tv = float(t[0])  # 0.999 in float32
+        coef = (1 - 2 * tv) / (2 * math.sqrt(tv * (1 - tv)))
+        torch.testing.assert_close(ref_ut, coef * eps.float() + x1.float() - x0.float(), rtol=1e-5, atol=1e-5)

@@ -255,3 +255,17 @@ def test_adaptive_solve_that_cannot_finish_is_stopped(monkeypatch):
         odeint(lambda x, t: torch.cos(2000 * math.pi * t)[:, None] * x, _x0(), "dopri5", atol=1e-6, rtol=1e-6)
     assert odeint(lambda x, t: -x, _x0(), "dopri5").nfe < 300  # an ordinary solve is not affected
     assert odeint(lambda x, t: -x, _x0(), "euler", steps=500).nfe == 500  # fixed steps are bounded already
+
+
+@pytest.mark.parametrize("solver", ["euler", "rk4", "dopri5"])
+def test_zero_length_interval_returns_x0_without_evaluations(solver):
+    """t0 == t1: x(t1) = x0 in fp32, no velocity evaluation, and a constant trajectory of
+    num_saves states when asked (steps=10 >= num_saves - 1, so every save is a distinct step)."""
+    x0 = _x0().double()
+    f = Counter(lambda x, t: -x)
+    sol = odeint(f, x0, solver, steps=10, t0=0.5, t1=0.5)
+    assert sol.nfe == f.calls == 0 and sol.x.dtype == torch.float32
+    torch.testing.assert_close(sol.x, x0.float(), rtol=0, atol=0)
+    sol = odeint(f, x0, solver, steps=10, num_saves=4, t0=0.5, t1=0.5)
+    assert sol.nfe == 0 and sol.t.tolist() == [0.5] * 4 and sol.trajectory.shape == (4, *x0.shape)
+    torch.testing.assert_close(sol.trajectory, x0.float().expand(4, *x0.shape), rtol=0, atol=0)

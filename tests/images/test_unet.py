@@ -126,3 +126,17 @@ def test_bad_constructor_arguments(kwargs, match):
 def test_unconditional_net_refuses_labels():
     with pytest.raises(ValueError, match="unconditional"):
         tiny_unet()(torch.randn(1, 1, 8, 8), torch.rand(1), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.bfloat16, 5e-2)])
+def test_unet_runs_in_float64_and_bfloat16(dtype, tol):
+    """After .double() / .bfloat16() the UNet runs in that dtype (16-bit group norms in fp32) and
+    gives the float32 net's output within the dtype's precision."""
+    torch.manual_seed(0)
+    net = randomize(tiny_unet(num_classes=3)).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        ref = net(x, t)
+        out = net.to(dtype)(x.to(dtype), t.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
