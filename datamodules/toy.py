@@ -32,7 +32,7 @@ from fm_lightning.flow.couplings import IndependentCoupling
 __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
-    "ToyDataModule", "load_pairs", "distribution_record", "as_override", "points_fingerprint",
+    "ToyDataModule", "load_pairs", "distribution_record", "as_override", "points_fingerprint", "same_points",
 ]
 
 
@@ -312,14 +312,12 @@ class Points(Distribution):
 
     Args:
         file: ``.npy`` (array (N, d)), ``.npz`` (key ``points``, ``samples``, or its only array)
-            or ``.csv`` (N rows of d numbers, separated by commas or all by spaces/tabs; ``#``
-            comments and blank lines are skipped, and so is a first row of as many fields as the
-            next that holds no number, or exactly ``0,1,...,d-1`` for d >= 2, pandas' names of
-            unnamed columns; pandas' row-index column, ``to_csv(index=True)``, is refused; see
-            :func:`_read_csv`). Its contents must be the format its extension names. ``~`` is
-            expanded, and a relative path is taken from the directory ``fm-train`` was launched
-            in (``hydra.utils.to_absolute_path``; the working directory outside Hydra), also
-            with ``hydra.job.chdir=true``. The absolute path is recorded.
+            or ``.csv`` (N rows of d numbers, separated by commas or all by spaces/tabs; comments,
+            blank lines and a header are skipped, see :func:`_read_csv`). Its contents must be the
+            format its extension names. ``~`` is expanded, and a relative path is taken from the
+            directory ``fm-train`` was launched in (``hydra.utils.to_absolute_path``; the working
+            directory outside Hydra), also with ``hydra.job.chdir=true``. The absolute path is
+            recorded.
         fingerprint: the points' content fingerprint (:func:`points_fingerprint`) that a
             checkpoint recorded; the file must still hold those points, else one clear error.
             ``None`` (a fresh Points): computed from the file. Checkpoints record it, so that a
@@ -416,84 +414,62 @@ def _is_number(text: str) -> bool:
     return True
 
 
-#: First header fields that name a row-index column (pandas: ``to_csv()`` writes an empty one,
-#: ``read_csv`` then names it ``Unnamed: 0``, ``reset_index`` names it ``index``).
+#: First header fields that name pandas' row-index column (``to_csv()`` writes an empty one,
+#: ``read_csv`` names it ``Unnamed: 0``, ``reset_index`` ``index``).
 _INDEX_NAMES = ("", "unnamed: 0", "index")
 _CSV_FORMAT = ("a .csv needs one point per line, its numbers separated by commas (or all by spaces/tabs), "
                "after an optional header line")
 
 
-def _fields(text: str, comma: bool) -> list[str]:
-    return [x.strip() for x in text.split(",")] if comma else text.split()
+def _is_header(fields: list[str]) -> bool:
+    """No number in it (``x,y``; a row with a typo stays data, and is reported), or the names
+    pandas gives unnamed columns, ``0,1,...,d-1`` with ``d >= 2`` (a one-column ``0`` is data)."""
+    return not any(map(_is_number, fields)) or (len(fields) >= 2 and fields == [str(i) for i in range(len(fields))])
 
 
-def _parse_lines(lines: list[tuple[int, str]], comma: bool) -> np.ndarray:
-    """Numbers (N, d) of the ``(line number, text)`` data lines, or an error naming the line."""
-    width, line = len(_fields(lines[0][1], comma)), lines[0][0]
-    arr = np.empty((len(lines), width))
-    for i, (n, text) in enumerate(lines):
-        fields = _fields(text, comma)
+def _bad_line(rows: list[tuple[int, list[str]]]) -> str | None:
+    """The first data line numpy could not read, named by its line in the file."""
+    width, first = len(rows[0][1]), rows[0][0]
+    for n, fields in rows:
         if len(fields) != width:
-            raise ValueError(f"the number of columns changed from {width} (line {line}) to {len(fields)} at line {n} "
-                             f"of the file; every point needs the same number of coordinates ({_CSV_FORMAT})")
-        for j, x in enumerate(fields):
-            try:
-                arr[i, j] = float(x)
-            except ValueError:
-                hint = "; separate them by commas, not semicolons" if ";" in x else ""
-                raise ValueError(f"line {n}, field {j + 1}: {x!r} is not a number{hint} ({_CSV_FORMAT})") from None
-    return arr
+            return f"the number of columns changed from {width} (line {first}) to {len(fields)} at line {n} of the file"
+        for j, x in enumerate(fields, 1):
+            if not _is_number(x):
+                return f"line {n}, field {j}: {x!r} is not a number"
+    return None
 
 
 def _read_csv(file: str) -> np.ndarray:
-    """Rows of numbers (N, d) of a text file, in one of two layouts: comma-separated (when any
-    line holds a comma), or separated by spaces/tabs (numpy's ``savetxt`` default). ``#``
-    comments and blank lines are skipped; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped.
-
-    The first row is a header, and skipped, if it has as many fields as the row after it and
-    either none of them is a number (``x,y``; a row with a typo stays data, and is reported) or
-    they are exactly ``0,1,...,d-1`` with ``d >= 2`` (the column names pandas writes for an
-    unnamed frame, ``DataFrame(p).to_csv(index=False)``; such a first row is never taken as the
-    point ``[0, 1, ..., d-1]``; a one-column file's ``0`` stays data). A header whose first
-    field is empty, ``Unnamed: 0`` or ``index`` above a first column 0, 1, ..., N-1 is pandas'
-    row index (``to_csv()`` with its default ``index=True``): refused, not read as a coordinate.
-    Errors name the line of the file (1-based, as an editor counts them)."""
+    """Rows of numbers (N, d) of a text file: comma-separated (when any line holds a comma), else
+    separated by spaces/tabs (numpy's ``savetxt``). ``#`` comments and blank lines are skipped, and
+    so is a header line (:func:`_is_header`); a UTF-8 byte-order mark (Excel's "CSV UTF-8") is
+    dropped. Refused in one line: semicolons (a spreadsheet's export with decimal commas), and
+    pandas' row index as a first column (``to_csv()`` with its default ``index=True``). Errors
+    name the line of the file (1-based, as an editor counts them)."""
     with open(file, encoding="utf-8-sig") as f:
         lines = [(n, text) for n, line in enumerate(f, 1) if (text := line.split("#", 1)[0].strip())]
-    comma = any("," in text for _, text in lines)
     if not lines:
         return np.empty((0, 0))
-    first = _fields(lines[0][1], comma)
-    below = _fields(lines[1][1], comma) if len(lines) > 1 else first
-    names = not any(_is_number(x) for x in first) or (len(first) >= 2 and first == [str(i) for i in range(len(first))])
-    index = first[0].lower() in _INDEX_NAMES and not _is_number(first[0])  # ",x,y" or ",0,1" or "index,x,y"
-    # Separated by spaces, pandas' index column has no name at all: its header is one field short.
-    blank_index = not comma and names and len(first) + 1 == len(below)
-    header = (lines[0][0], first) if (len(first) == len(below) and (names or index)) or blank_index else None
-    if header is not None:
-        lines = lines[1:]
-    elif names and len(lines) > 1:
-        raise ValueError(f"line {lines[0][0]} looks like a header ({','.join(first)!r}) but has {len(first)} "
-                         f"field(s) where line {lines[1][0]} has {len(below)}; a header line needs as many fields as "
-                         f"the lines below it ({_CSV_FORMAT})")
-    if not lines:
+    semicolon = next((n for n, text in lines if ";" in text), None)
+    if semicolon is not None:
+        raise ValueError(f"line {semicolon} separates fields by semicolons (a spreadsheet's export with decimal "
+                         f"commas?); export it with commas between numbers and points in them ({_CSV_FORMAT})")
+    sep = "," if any("," in text for _, text in lines) else None
+    rows = [(n, [x.strip() for x in text.split(sep)]) for n, text in lines]
+    (n, first), below = rows[0], rows[1][1] if len(rows) > 1 else []
+    # pandas' index column: named as above, or (separated by spaces) not at all, one field short.
+    if (len(first) > 1 and first[0].lower() in _INDEX_NAMES and _is_header(first[1:])) or (
+            sep is None and _is_header(first) and len(first) + 1 == len(below)):
+        raise ValueError(f"its first column is pandas' row index, not a coordinate (header on line {n}: "
+                         f"{lines[0][1]!r}); write the file with DataFrame.to_csv(..., index=False), or drop that column")
+    if _is_header(first):
+        lines, rows = lines[1:], rows[1:]
+    if not rows:
         return np.empty((0, 0))
-    try:  # numpy's parser is fast; where it fails, the slow one names the line
-        arr = np.loadtxt([text for _, text in lines], delimiter="," if comma else None, comments=None, ndmin=2)
-    except ValueError:
-        arr = _parse_lines(lines, comma)
-    width = arr.shape[1]
-    if header is not None and (index or blank_index):
-        if width >= 2 and np.array_equal(arr[:, 0], np.arange(len(arr))):
-            shown = ("," if comma else " ").join(header[1])
-            raise ValueError(f"its first column is a row index, not a coordinate (header on line {header[0]}: "
-                             f"{shown!r}; values 0..{len(arr) - 1}), as pandas' DataFrame.to_csv writes by default; "
-                             "write the file with to_csv(..., index=False), or drop that column")
-        if blank_index:  # not an index after all: a header one field short
-            raise ValueError(f"line {header[0]} looks like a header ({' '.join(first)!r}) but has {len(first)} "
-                             f"field(s) where line {lines[0][0]} has {width}; a header line needs as many fields as "
-                             f"the lines below it ({_CSV_FORMAT})")
-    return arr
+    try:  # numpy's parser is fast; where it fails, name the line
+        return np.loadtxt([text for _, text in lines], delimiter=sep, comments=None, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{_bad_line(rows) or err} ({_CSV_FORMAT})") from None
 
 
 DISTRIBUTIONS: dict[str, type[Distribution]] = {
@@ -604,12 +580,18 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     why = {"source": "so that sampling draws x0 as training saw it",
            "target": "so that val/w2 and the checkpoint's target are the data the pairs end at"}
     for role, dist in (("source", source), ("target", target)):
-        if dist is not None and role in recorded and not _same_record(dist, recorded[role]) \
-                and not _moved_points(dist, recorded[role]):
-            raise ValueError(
-                f"the pairs in {file!r} were drawn for {as_override(role, recorded[role])} but data.{role} is "
-                f"{dist}; set {as_override(role, recorded[role])}, {why[role]}"
-            )
+        if dist is None or role not in recorded:
+            continue
+        theirs, mine = json.loads(recorded[role]), json.loads(distribution_record(dist))
+        if theirs == mine or same_points(theirs, mine):
+            continue
+        if _is_points(theirs) and _is_points(mine) and theirs["init_args"]["file"] == mine["init_args"]["file"]:
+            raise ValueError(f"points file {dist.file!r} has changed since the pairs in {file!r} were drawn from it; "
+                             f"restore it, or generate the pairs again")
+        raise ValueError(
+            f"the pairs in {file!r} were drawn for {as_override(role, recorded[role])} but data.{role} is "
+            f"{dist}; set {as_override(role, recorded[role])}, {why[role]}"
+        )
     if x0.shape != x1.shape or x0.ndim != 2 or x0.shape[0] < 2:
         raise ValueError(
             f"reflow pairs in {file!r} must be x0 and x1 of one shape (N, d) with N >= 2, got {x0.shape} and {x1.shape}"
@@ -624,20 +606,21 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
 
 
-def _same_record(dist: Distribution, record: str) -> bool:
-    """``dist`` is the recorded distribution. A points record written before points had a
-    fingerprint is compared by its path alone; one with a fingerprint also by the contents."""
-    mine, theirs = json.loads(distribution_record(dist)), json.loads(record)
-    if _registered_name(theirs.get("class_path", "")) == "points" and "fingerprint" not in theirs.get("init_args", {}):
-        mine.get("init_args", {}).pop("fingerprint", None)
-    return mine == theirs
+def _is_points(spec: Any) -> bool:
+    return isinstance(spec, dict) and _registered_name(str(spec.get("class_path", ""))) == "points"
 
 
-def _moved_points(dist: Distribution, record: str) -> bool:
-    """``dist`` is a points file standing in for a recorded points file that no longer exists."""
-    spec = json.loads(record)
-    return (isinstance(dist, Points) and _registered_name(spec["class_path"]) == "points"
-            and not os.path.exists(spec["init_args"]["file"]))
+def same_points(recorded: Any, current: Any) -> bool:
+    """Whether two distribution specs (``{"class_path", "init_args"}``) are points files holding
+    the same data: by content fingerprint when both record one, wherever the file is now; else
+    (a record from before fingerprints) by path, a recorded file that no longer exists (moved
+    since) standing for the one given."""
+    if not (_is_points(recorded) and _is_points(current)):
+        return False
+    theirs, mine = recorded.get("init_args") or {}, current.get("init_args") or {}
+    if "fingerprint" in theirs and "fingerprint" in mine:
+        return theirs["fingerprint"] == mine["fingerprint"]
+    return theirs.get("file") == mine.get("file") or not os.path.exists(str(theirs.get("file")))
 
 
 class _PairStream(IterableDataset):

@@ -28,6 +28,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationKeyError
 
+from datamodules.toy import same_points
+
 from .callbacks import FinalValidation
 from .distributed import check_devices, check_num_nodes, per_device_batch_size
 from .loggers import CSVLogger, WandbLogger
@@ -145,7 +147,7 @@ class KeepFinishedRuns(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         swept = [o for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-                 if o.key_or_group == "ckpt_path" and o.is_sweep_override()]
+                 if o.key_or_group == "ckpt_path" and o.is_choice_sweep()]
         if str(config.get("ckpt_path")) == "last" or any("last" in o.sweep_string_iterator() for o in swept):
             exit_with_error("ckpt_path=last resumes one run in its own directory, so every job of a sweep (-m) would "
                             "train that same run; resume it without -m, or give the jobs ckpt_path=<file> to start "
@@ -273,26 +275,25 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
     parts = ("net", "flow", "source")
     recorded = _flat({k: ckpt["hyper_parameters"][k] for k in parts}, "model")
     current = _flat({k: model.hparams[k] for k in parts}, "model")
-    if ckpt.get("datamodule_hyper_parameters"):  # recorded by 2-D data (not by older checkpoints)
-        recorded.update(_flat(dict(ckpt["datamodule_hyper_parameters"]), "data"))
-        current.update(_flat(dict(getattr(datamodule, "hparams", None) or {}), "data"))
+    specs = {"model.source": (ckpt["hyper_parameters"]["source"], model.hparams["source"])}
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})  # not recorded by older checkpoints
+    if data:
+        own = dict(getattr(datamodule, "hparams", None) or {})
+        recorded.update(_flat(data, "data"))
+        current.update(_flat(own, "data"))
+        specs["data.target"] = (data.get("target"), own.get("target"))
+    # Points files holding the same data are the same, wherever they are now (moved since).
+    same = tuple(f"{prefix}." for prefix, (theirs, mine) in specs.items() if same_points(theirs, mine))
     # A key on one side only is an argument the code added or dropped since (another class
-    # differs in its _target_, on both sides): a points file recorded before points had a
-    # fingerprint is compared by its path.
-    differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
-    # Points of the same fingerprint are the same data wherever the file is now (moved since).
-    moved = {k[: -len("fingerprint")] + "file" for k in recorded.keys() & current.keys()
-             if k.endswith(".fingerprint") and recorded[k] == current[k]}
-    differ = [k for k in differ if k not in moved]
+    # differs in its _target_, on both sides).
+    differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k] and not k.startswith(same))
     if not differ:
         return
     classes = [k[: -len("_target_")] for k in differ if k.endswith("._target_")]  # their arguments differ too
     shown = [k for k in differ if k.endswith("._target_") or not any(k.startswith(c) for c in classes)]
     diffs = "; ".join(f"{k}: {recorded[k]!r} there, {current[k]!r} here" for k in shown)
-    changed = [k[: -len(".fingerprint")] for k in shown if k.endswith(".fingerprint")]
-    if changed:
-        diffs += (f"; the points of {', '.join(changed)} are not the ones the run trained on (another content "
-                  "fingerprint): restore the file the run used, or pass it")
+    if any(k.endswith(".fingerprint") for k in shown):
+        diffs += "; another fingerprint means other points than the run trained on: restore the file it used"
     overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]

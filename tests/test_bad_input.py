@@ -128,7 +128,7 @@ CASES = {
     "CSV with a short row": (train("data.target={root}/ragged.csv"), "number of columns changed"),
     "points of another dimension": (train("data.target={root}/three_d.npy"), "has dim 3; they must match"),
     "CSV with pandas' row index": (train("data.target={root}/pandas_index.csv"),
-                                   "its first column is a row index, not a coordinate (header on line 1: ',x,y'"),
+                                   "its first column is pandas' row index, not a coordinate (header on line 1: ',x,y')"),
     "points file of another format": (train("data.target={root}/npy_named.npz"),
                                       "not a valid .npz file: it holds a single .npy array; rename it to end in .npy"),
     "distribution without a name": (train("data.target={{radius:3}}"), "has no name; add name: one of ['2spirals'"),

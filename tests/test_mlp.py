@@ -77,12 +77,11 @@ def test_exp_linear_forward_mode_ad():
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
 def test_exp_linear_16bit_is_as_accurate_as_torch(dtype, ulp):
-    """In bf16/fp16 ExpLinear is torch's kernel: nn.SELU's values, each within one rounding of the
-    float64 SELU of the same inputs (exp(x) - 1 would lose the small values near 0)."""
+    """In bf16/fp16 ExpLinear is within one rounding of the float64 SELU of the same inputs
+    (exp(x) - 1 would lose the small values near 0)."""
     x = torch.cat([torch.linspace(-0.05, 0.05, 201), torch.randn(200)]).to(dtype)
     out = ExpLinear()(x)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, torch.nn.SELU()(x), rtol=0, atol=0)
     torch.testing.assert_close(out.double(), torch.selu(x.double()), rtol=ulp, atol=0)
 
 

@@ -318,7 +318,7 @@ def test_a_resume_knows_its_points_files_by_their_contents_wherever_they_are_now
     assert resume(20)["global_step"] == 20
     np.save(tgt, rng.normal(size=(200, 2)).astype(np.float32) + 13)  # other points at the recorded path
     with pytest.raises(UserError, match=r"data.target.fingerprint: '200x2:[0-9a-f]{16}' there, '200x2:[0-9a-f]{16}' "
-                                        r"here; the points of data.target are not the ones the run trained on"):
+                                        r"here; another fingerprint means other points than the run trained on"):
         resume(30)
     np.savetxt(moved, rng.normal(size=(200, 2)) + 10, delimiter=",")
     assert sample.main([str(last), "--num-samples", "5", "--out", str(tmp_path / "a.npz")]) == 2

@@ -5,7 +5,9 @@ state ``x`` (B, *shape) is flattened and extended by ``k`` scalar channels, ``s 
 (B, D + k), and the augmented field returns ``[v(x, t), g(x, t)]``. The NFE reported is the
 number of augmented-field evaluations, i.e. of velocity evaluations (each divergence also
 costs backward passes: ``D`` for the exact one, one for Hutchinson's). The divergences leave
-inference mode for their backward passes, so all of this also runs under ``torch.inference_mode``.
+inference mode for their backward passes, so ``x`` may be made under ``torch.inference_mode``
+(Lightning's validate, test and predict); tensors the velocity closes over (labels, scales) must
+be made outside it, or cloned there.
 
 - **Log-likelihood** (instantaneous change of variables, Chen et al. 2018):
   ``d/dt log p_t(x_t) = -div v(x_t, t)``, so ``log p_1(x_1) = log p_0(x_0) - int_0^1 div v dt``.

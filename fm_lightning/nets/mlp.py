@@ -109,5 +109,5 @@ class MLP(nn.Module):
                 cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             h = h + self.label_emb(cond.long())
         elif cond is not None:
-            raise ValueError("this MLP is unconditional (num_classes=0) but got cond labels")
+            raise ValueError("this MLP is unconditional (num_classes=0) but got cond labels; set model.net.num_classes")
         return self.body(h)

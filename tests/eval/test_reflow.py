@@ -120,12 +120,35 @@ def test_pairs_must_be_trained_with_the_source_and_target_they_connect(tmp_path)
     assert ToyDataModule("gaussian", "8gaussians", pairs=old).pairs == old
 
 
-def test_pairs_whose_points_file_target_has_moved_take_the_one_given(tmp_path):
-    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+def test_pairs_know_their_points_file_target_by_its_contents(tmp_path):
+    """Pairs record the target's fingerprint: the same points are taken from any path (a copy,
+    or the file moved), other points are refused, also at the recorded path."""
+    points = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    np.save(tmp_path / "a.npy", points)
     x0 = torch.randn(20, 2)
     path = save_pairs(tmp_path / "p.npz", x0, 2 * x0,
                       target=distribution_record(make_distribution(str(tmp_path / "a.npy"), dim=2)))
+    np.save(tmp_path / "b.npy", points)
+    assert ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path).pairs == path
+    np.save(tmp_path / "other.npy", points + 1)
+    with pytest.raises(ValueError, match="drawn for data.target=.*a.npy"):
+        ToyDataModule("gaussian", str(tmp_path / "other.npy"), pairs=path)
+    np.save(tmp_path / "a.npy", points + 1)
+    with pytest.raises(ValueError, match="points file .*a.npy' has changed since the pairs in .*p.npz' were drawn"):
+        ToyDataModule("gaussian", str(tmp_path / "a.npy"), pairs=path)
+    (tmp_path / "a.npy").unlink()
+    with pytest.raises(ValueError, match="drawn for data.target=.*a.npy"):  # moved, but other points
+        ToyDataModule("gaussian", str(tmp_path / "other.npy"), pairs=path)
+
+
+def test_pairs_recorded_before_fingerprints_know_their_points_by_path(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    record = json.loads(distribution_record(make_distribution(str(tmp_path / "a.npy"), dim=2)))
+    del record["init_args"]["fingerprint"]
+    x0 = torch.randn(20, 2)
+    path = save_pairs(tmp_path / "p.npz", x0, 2 * x0, target=json.dumps(record))
     (tmp_path / "b.npy").write_bytes((tmp_path / "a.npy").read_bytes())
+    assert ToyDataModule("gaussian", str(tmp_path / "a.npy"), pairs=path).pairs == path
     with pytest.raises(ValueError, match="drawn for data.target=.*a.npy"):  # the recorded file still exists
         ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path)
     (tmp_path / "a.npy").unlink()
