@@ -99,6 +99,8 @@ def main() -> None:
     results: dict = {}
     if args.run_dir is None:
         run_dir = Path("benchmarks/results/digits_run").resolve()
+        if (run_dir / "checkpoints").exists():
+            p.error(f"{run_dir} holds an earlier run: evaluate it with --run-dir {run_dir}, or move it away to train again")
         cmd = ["fm-train", "experiment=digits", "logger=csv", f"hydra.run.dir={run_dir}"]
         print("running:", " ".join(cmd), flush=True)
         t0 = time.perf_counter()

@@ -20,8 +20,9 @@ plan (the largest over the batches), and ``iters`` the iterations used: for ``ne
 and the largest over the batches, all epsilon-scaling stages together (the coupling's default
 ``num_iters`` is 1000; batches that need more log a warning in training).
 ``new`` is timed on ``--batches`` batches and POT on the first ``--pot-batches`` of them. ``x``
-is POT's median time over the new solver's median on those same batches. ``|dP|`` is the largest
-difference between the two plans, times B^2, relative to the uniform plan's entries.
+is POT's median time over the new solver's median on those same batches. ``L1(dP)`` is the
+L1 distance ``sum |P - Q|`` between the two plans (each sums to 1, so 2 means disjoint plans),
+the largest over the batches.
 """
 
 from __future__ import annotations
