@@ -10,11 +10,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["CSVLogger", "WandbLogger", "wandb_has_credentials"]
+__all__ = ["CSVLogger", "TensorBoardLogger", "WandbLogger", "wandb_has_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class WandbLogger(_LightningWandbLogger):
 
     def __init__(self, *args, offline: bool = False, log_model: bool | str = False, **kwargs) -> None:
         env_mode = os.environ.get("WANDB_MODE", "")
-        if not offline and env_mode not in ("offline", "dryrun", "disabled") and not wandb_has_credentials():
+        if env_mode == "disabled":  # W&B's own switch: nothing is written
+            offline, kwargs["mode"] = False, "disabled"
+        elif not offline and env_mode not in ("offline", "dryrun") and not wandb_has_credentials():
             if log_model:
                 raise ValueError("logger.wandb.log_model needs an online W&B run, but W&B has no credentials; run "
                                  "`wandb login` (or set WANDB_API_KEY), or set log_model=false")
@@ -56,12 +59,26 @@ class WandbLogger(_LightningWandbLogger):
                 "directory instead. Sync later with `wandb sync <run dir>/wandb/offline-run-*`."
             )
             offline = True
-        if offline and log_model:
-            raise ValueError("logger.wandb.log_model needs an online W&B run; set offline=false or log_model=false")
+        if (offline or env_mode in ("offline", "dryrun")) and log_model:
+            raise ValueError("logger.wandb.log_model needs an online W&B run; set log_model=false, or log online "
+                             "(offline=false, and WANDB_MODE not offline)")
         if offline:
             kwargs["mode"] = "offline"
+        if isinstance(kwargs.get("tags"), str):  # tags=toy: one tag, not the letters t, o, y
+            kwargs["tags"] = [kwargs["tags"]]
         super().__init__(*args, offline=False, log_model=log_model, **kwargs)
         self.offline_mode = offline
+
+    @property
+    def experiment(self):
+        """The W&B run, started on first use; settings W&B refuses (a project name with ``/``) are
+        one ``ValueError``, not a traceback from inside ``wandb.init``."""
+        from wandb.errors import UsageError
+
+        try:
+            return super().experiment
+        except UsageError as err:
+            raise ValueError(f"logger.wandb: {err}; fix the logger.wandb settings") from None
 
     @rank_zero_only
     def save_run_id(self, path: str | os.PathLike) -> None:
@@ -91,7 +108,7 @@ class CSVLogger(_LightningCSVLogger):
     deleting what the interrupted run wrote. Args as :class:`lightning.pytorch.loggers.CSVLogger`."""
 
     @rank_zero_only
-    def drop_rows_from(self, step: int) -> None:
+    def drop_steps_from(self, step: int) -> None:
         """Drop the rows of ``step`` and later from ``metrics.csv``: a run resumed from a
         checkpoint at ``step`` logs them again."""
         path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
@@ -112,3 +129,32 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class TensorBoardLogger(_LightningTensorBoardLogger):
+    """Lightning's ``TensorBoardLogger`` with two changes.
+
+    * The HParams tab's ``hp_metric`` follows the metric ``hp_metric_key`` (fm-train: its
+      ``optimized_metric``, ``val/w2``) each time it is logged, instead of staying at Lightning's
+      placeholder -1, so runs and sweep trials compare by it.
+    * :meth:`drop_steps_from` hides what an interrupted session logged from a step on (the
+      writer's ``purge_step``), as a resumed run logs those steps again.
+
+    Args: as :class:`lightning.pytorch.loggers.TensorBoardLogger`, and ``hp_metric_key``.
+    """
+
+    def __init__(self, *args, hp_metric_key: str | None = "val/w2", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hp_metric_key = hp_metric_key
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.hp_metric_key in metrics:
+            metrics = {**metrics, "hp_metric": metrics[self.hp_metric_key]}
+        super().log_metrics(metrics, step)
+
+    def drop_steps_from(self, step: int) -> None:
+        """Call before anything is logged: the event writer then purges ``step`` and later."""
+        if self._experiment is not None:
+            raise RuntimeError("drop_steps_from must come before the first write")
+        self._kwargs["purge_step"] = step  # Lightning passes these to its SummaryWriter

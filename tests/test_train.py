@@ -264,3 +264,26 @@ def test_a_failed_download_says_to_place_the_files_under_root(tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match="downloading mnist into .* failed .*place the files there yourself") as err:
         dm.prepare_data()
     assert "\n" not in str(err.value)  # one line
+
+
+def _tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_hp_metric_follows_the_optimized_metric_and_a_resume_logs_each_step_once(tiny_cfg, tmp_path):
+    """The HParams tab's hp_metric is the last val/w2 (not Lightning's placeholder -1); a run
+    resumed from step 20 after logging to step 40 hides the first session's steps 20 and later."""
+    overrides = ["logger=tensorboard", "callbacks.model_checkpoint.save_top_k=-1", "callbacks.samples.solver=euler"]
+    metrics = run(tiny_cfg(*overrides))
+    scalars = _tensorboard_scalars(tmp_path / "run")
+    assert scalars["hp_metric"][-1][1] == pytest.approx(metrics["val/w2"])
+    assert [step for step, _ in scalars["hp_metric"]] == [0] + [step for step, _ in scalars["val/w2"]]
+    first = scalars["train/loss"]
+    step_20 = next((tmp_path / "run/checkpoints").glob("*step=20.ckpt"))
+    run(tiny_cfg(*overrides, f"ckpt_path='{step_20}'"))
+    steps = [step for step, _ in _tensorboard_scalars(tmp_path / "run")["train/loss"]]
+    assert steps == [step for step, _ in first] and len(set(steps)) == len(steps)

@@ -73,7 +73,7 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_failed_one_is_marked_failed
 
 def test_offline_run_writes_config_metrics_and_images_and_leaks_nothing(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    run(tiny_cfg("logger=wandb", "logger.wandb.offline=true", "logger.wandb.tags=[unit]"))
+    run(tiny_cfg("logger=wandb", "logger.wandb.offline=true", "logger.wandb.tags=unit"))  # one tag, as a word
     assert "WANDB_MODE" not in os.environ
     wb = _wandb_run_dir(tmp_path / "run")
     record_file = next(wb.glob("run-*.wandb"))
@@ -88,6 +88,7 @@ def test_offline_run_writes_config_metrics_and_images_and_leaks_nothing(tiny_cfg
     assert {"data", "model", "trainer", "seed"} <= config_keys  # the Hydra config, once: no copy of
     assert not config_keys & {"net", "flow", "solver"}  # the module's hyperparameters beside it
     assert b"val/w2" in record and b"train/loss" in record  # slash-grouped scalar metrics
+    assert [list(r.run.tags) for r in _records(record_file) if r.WhichOneof("record_type") == "run"][0] == ["unit"]
     images = list((wb / "files/media/images").rglob("*.png"))
     assert any("samples" in p.name for p in images) and any("trajectories" in p.name for p in images)
 
@@ -102,9 +103,18 @@ def test_online_without_credentials_falls_back_to_offline_with_a_warning(monkeyp
     assert "WANDB_MODE" not in os.environ
 
 
-def test_log_model_offline_is_refused(tmp_path):
+def test_log_model_offline_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="log_model needs an online"):
         WandbLogger(project="p", save_dir=str(tmp_path), offline=True, log_model=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the same answer for W&B's own switch
+    with pytest.raises(ValueError, match="log_model needs an online"):
+        WandbLogger(project="p", save_dir=str(tmp_path), log_model=True)
+
+
+def test_wandb_mode_disabled_wins_over_offline(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run(tiny_cfg("logger=wandb", "logger.wandb.offline=true"))
+    assert not list((tmp_path / "run").rglob("offline-run-*"))
 
 
 def test_log_model_without_credentials_says_that_credentials_are_missing(monkeypatch, tmp_path):
@@ -142,3 +152,10 @@ def test_a_resume_continues_only_the_wandb_run_its_run_directory_recorded(tmp_pa
     assert resumed_id("a/checkpoints") is None
     assert resumed_id("b/checkpoints", recorded="abc123") == "abc123"
     assert resumed_id("project/weights", recorded="xyz") is None  # not a run directory's checkpoint
+
+
+def test_a_project_name_wandb_refuses_is_one_value_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = WandbLogger(project="a/b:c", save_dir=str(tmp_path), offline=True)
+    with pytest.raises(ValueError, match=r"^logger.wandb: Invalid project name 'a/b:c'.*; fix the logger.wandb settings$"):
+        logger.experiment
