@@ -7,6 +7,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
@@ -32,7 +33,7 @@ def wandb_has_credentials() -> bool:
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's ``WandbLogger`` with two changes.
+    """Lightning's ``WandbLogger``, with these changes.
 
     * ``offline=True`` is passed to ``wandb.init(mode="offline")`` instead of exporting
       ``WANDB_MODE`` into the process environment, so it cannot leak into later runs or tests.
@@ -40,34 +41,36 @@ class WandbLogger(_LightningWandbLogger):
       with ``wandb sync``.
     * Online logging without credentials (no ``WANDB_API_KEY``, no ``wandb login``) falls
       back to offline with a warning, so a training run is never lost to a login prompt.
-      ``WANDB_MODE=offline`` or ``disabled`` in the environment is respected as usual.
+    * ``WANDB_MODE=offline`` in the environment is respected as usual; ``WANDB_MODE=disabled``
+      (or ``WANDB_DISABLED=true``) turns W&B off whatever ``offline`` says.
+    * ``log_model`` (checkpoints as artifacts) is refused for any offline run.
+    * ``tags="toy"`` is one tag; settings ``wandb.init`` refuses are one ``ValueError``.
 
     Args: as :class:`lightning.pytorch.loggers.WandbLogger` (``project``, ``entity``, ``name``,
     ``group``, ``tags``, ``offline``, ``log_model``, ``save_dir``, ...).
     """
 
     def __init__(self, *args, offline: bool = False, log_model: bool | str = False, **kwargs) -> None:
-        env_mode = os.environ.get("WANDB_MODE", "")
-        if env_mode == "disabled":  # W&B's own switch: nothing is written
-            offline, kwargs["mode"] = False, "disabled"
+        env_mode = os.environ.get("WANDB_MODE", "").lower()
+        why = "; set log_model=false, or log online (offline=false, and WANDB_MODE not offline)"
+        if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+            offline, log_model, kwargs["mode"] = False, False, "disabled"  # nothing is written
         elif not offline and env_mode not in ("offline", "dryrun") and not wandb_has_credentials():
-            if log_model:
-                raise ValueError("logger.wandb.log_model needs an online W&B run, but W&B has no credentials; run "
-                                 "`wandb login` (or set WANDB_API_KEY), or set log_model=false")
-            log.warning(
-                "W&B has no credentials (set WANDB_API_KEY or run `wandb login`); logging OFFLINE to the run "
-                "directory instead. Sync later with `wandb sync <run dir>/wandb/offline-run-*`."
-            )
+            why = ", but W&B has no credentials; run `wandb login` (or set WANDB_API_KEY), or set log_model=false"
+            if not log_model:
+                log.warning(
+                    "W&B has no credentials (set WANDB_API_KEY or run `wandb login`); logging OFFLINE to the run "
+                    "directory instead. Sync later with `wandb sync <run dir>/wandb/offline-run-*`."
+                )
             offline = True
-        if (offline or env_mode in ("offline", "dryrun")) and log_model:
-            raise ValueError("logger.wandb.log_model needs an online W&B run; set log_model=false, or log online "
-                             "(offline=false, and WANDB_MODE not offline)")
+        if log_model and (offline or env_mode in ("offline", "dryrun")):
+            raise ValueError(f"logger.wandb.log_model needs an online W&B run{why}")
         if offline:
             kwargs["mode"] = "offline"
         if isinstance(kwargs.get("tags"), str):  # tags=toy: one tag, not the letters t, o, y
             kwargs["tags"] = [kwargs["tags"]]
         super().__init__(*args, offline=False, log_model=log_model, **kwargs)
-        self.offline_mode = offline
+        self.offline_mode, self.disabled = offline, kwargs.get("mode") == "disabled"
 
     @property
     def experiment(self):
@@ -82,7 +85,10 @@ class WandbLogger(_LightningWandbLogger):
 
     @rank_zero_only
     def save_run_id(self, path: str | os.PathLike) -> None:
-        """Start the W&B run and write its id to ``path``, from where a resume of the run reads it."""
+        """Start the W&B run and write its id to ``path``, from where a resume of the run reads it
+        (unless W&B is disabled: then there is no run to resume)."""
+        if self.disabled:
+            return
         Path(path).write_text(self.experiment.id)
 
     def finish(self, exit_code: int = 0) -> None:
@@ -138,14 +144,20 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
       ``optimized_metric``, ``val/w2``) each time it is logged, instead of staying at Lightning's
       placeholder -1, so runs and sweep trials compare by it.
     * :meth:`drop_steps_from` hides what an interrupted session logged from a step on (the
-      writer's ``purge_step``), as a resumed run logs those steps again.
+      writer's ``purge_step``), as a resumed run logs those steps again; the resumed run keeps
+      the ``hp_metric`` logged so far.
 
     Args: as :class:`lightning.pytorch.loggers.TensorBoardLogger`, and ``hp_metric_key``.
     """
 
-    def __init__(self, *args, hp_metric_key: str | None = "val/w2", **kwargs) -> None:
+    def __init__(self, *args, hp_metric_key: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.hp_metric_key = hp_metric_key
+        self.hp_metric_key, self._resumed = hp_metric_key, False
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, metrics: dict[str, float] | None = None) -> None:
+        # a resumed run keeps the hp_metric its earlier sessions logged (Lightning would log -1 again)
+        super().log_hyperparams(params, {} if metrics is None and self._resumed else metrics)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -158,3 +170,4 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         if self._experiment is not None:
             raise RuntimeError("drop_steps_from must come before the first write")
         self._kwargs["purge_step"] = step  # Lightning passes these to its SummaryWriter
+        self._resumed = True

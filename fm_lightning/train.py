@@ -32,7 +32,7 @@ from datamodules.toy import same_points
 
 from .callbacks import FinalValidation
 from .distributed import check_devices, check_num_nodes, per_device_batch_size
-from .loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from .loggers import WandbLogger
 from .reliability import NonFiniteError, check_weights_fit, find_last_checkpoint, read_checkpoint
 
 __all__ = ["main", "run", "CONFIG_DIR", "KeepFinishedRuns", "finished_run_error", "exit_with_error"]
@@ -434,7 +434,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         start_step = ckpt.get("global_step")
         del ckpt  # Lightning reads the file again to restore everything
         for logger in loggers:
-            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            if hasattr(logger, "drop_steps_from"):
                 logger.drop_steps_from(start_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -285,5 +285,9 @@ def test_tensorboard_hp_metric_follows_the_optimized_metric_and_a_resume_logs_ea
     first = scalars["train/loss"]
     step_20 = next((tmp_path / "run/checkpoints").glob("*step=20.ckpt"))
     run(tiny_cfg(*overrides, f"ckpt_path='{step_20}'"))
-    steps = [step for step, _ in _tensorboard_scalars(tmp_path / "run")["train/loss"]]
+    scalars = _tensorboard_scalars(tmp_path / "run")
+    steps = [step for step, _ in scalars["train/loss"]]
     assert steps == [step for step, _ in first] and len(set(steps)) == len(steps)
+    final = scalars["hp_metric"][-1][1]
+    run(tiny_cfg(*overrides, f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))  # nothing to train
+    assert _tensorboard_scalars(tmp_path / "run")["hp_metric"][-1][1] == final != -1  # not Lightning's placeholder

@@ -111,10 +111,13 @@ def test_log_model_offline_is_refused(tmp_path, monkeypatch):
         WandbLogger(project="p", save_dir=str(tmp_path), log_model=True)
 
 
-def test_wandb_mode_disabled_wins_over_offline(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    run(tiny_cfg("logger=wandb", "logger.wandb.offline=true"))
-    assert not list((tmp_path / "run").rglob("offline-run-*"))
+@pytest.mark.parametrize("env", [{"WANDB_MODE": "disabled"}, {"WANDB_MODE": "Disabled"}, {"WANDB_DISABLED": "true"}])
+def test_wandb_disabled_wins_over_offline_and_log_model(tiny_cfg, tmp_path, monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # where artifacts would be staged
+    run(tiny_cfg("logger=wandb", "logger.wandb.offline=true", "logger.wandb.log_model=true"))
+    assert not list((tmp_path / "run").rglob("*wandb*")) and not list(tmp_path.glob("wandb_data/**/*.ckpt"))
 
 
 def test_log_model_without_credentials_says_that_credentials_are_missing(monkeypatch, tmp_path):
