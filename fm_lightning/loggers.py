@@ -151,8 +151,10 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     """
 
     def __init__(self, *args, hp_metric_key: str | None = None, **kwargs) -> None:
+        if hp_metric_key is not None and not isinstance(hp_metric_key, str):
+            raise ValueError(f"hp_metric_key must be a metric name such as 'val/w2' (or null), got {hp_metric_key!r}")
         super().__init__(*args, **kwargs)
-        self.hp_metric_key, self._resumed = hp_metric_key, False
+        self.hp_metric_key, self._resumed, self._hp_metric_logged = hp_metric_key, False, False
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, metrics: dict[str, float] | None = None) -> None:
@@ -163,7 +165,15 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.hp_metric_key in metrics:
             metrics = {**metrics, "hp_metric": metrics[self.hp_metric_key]}
+            self._hp_metric_logged = True
         super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if status == "success" and self.hp_metric_key and not self._hp_metric_logged and not self._resumed:
+            log.warning("the run never logged %r, so TensorBoard's hp_metric stays -1; set optimized_metric "
+                        "(fm-train) to a metric the run logs, such as val/loss", self.hp_metric_key)
+        super().finalize(status)
 
     def drop_steps_from(self, step: int) -> None:
         """Call before anything is logged: the event writer then purges ``step`` and later."""

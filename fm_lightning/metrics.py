@@ -51,6 +51,8 @@ def rbf_mmd2(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | None = None) 
         raise ValueError(f"MMD needs equal dimensions, got {x.shape[1]} and {y.shape[1]}")
     if len(x) < 2 or len(y) < 2:
         raise ValueError("MMD needs at least 2 samples on each side")
+    if bandwidths is not None and not all(s > 0 for s in bandwidths):
+        raise ValueError(f"MMD bandwidths must be positive lengths, got {bandwidths}; or leave them out (None)")
     if bandwidths is None:
         median = float(torch.pdist(y[:1000]).median())
         bandwidths = tuple(f * median for f in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) if median > 0 else (1.0,)

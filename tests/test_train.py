@@ -291,3 +291,14 @@ def test_tensorboard_hp_metric_follows_the_optimized_metric_and_a_resume_logs_ea
     final = scalars["hp_metric"][-1][1]
     run(tiny_cfg(*overrides, f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))  # nothing to train
     assert _tensorboard_scalars(tmp_path / "run")["hp_metric"][-1][1] == final != -1  # not Lightning's placeholder
+
+
+def test_tensorboard_hp_metric_key_is_checked_and_a_key_never_logged_is_reported(tmp_path, caplog):
+    from fm_lightning.loggers import TensorBoardLogger
+
+    with pytest.raises(ValueError, match=r"hp_metric_key must be a metric name such as 'val/w2' \(or null\), got 5"):
+        TensorBoardLogger(str(tmp_path), hp_metric_key=5)
+    logger = TensorBoardLogger(str(tmp_path), hp_metric_key="val/fid")
+    logger.log_metrics({"val/loss": 1.0}, step=0)
+    logger.finalize("success")
+    assert "never logged 'val/fid', so TensorBoard's hp_metric stays -1; set optimized_metric" in caplog.text

@@ -157,3 +157,9 @@ def test_rbf_mmd2_default_bandwidths_follow_the_datas_units():
     assert mmd > 0.5
     for scale in (1e-3, 100.0):
         assert rbf_mmd2(x * scale, y * scale) == pytest.approx(mmd, rel=1e-6)
+
+
+def test_rbf_mmd2_refuses_bandwidths_that_are_not_positive():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match=r"MMD bandwidths must be positive lengths, got \(1.0, 0.0\)"):
+        rbf_mmd2(x, x, bandwidths=(1.0, 0.0))
