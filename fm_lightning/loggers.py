@@ -76,11 +76,13 @@ class WandbLogger(_LightningWandbLogger):
     def experiment(self):
         """The W&B run, started on first use; settings W&B refuses (a project name with ``/``) are
         one ``ValueError``, not a traceback from inside ``wandb.init``."""
-        from wandb.errors import UsageError
-
         try:
             return super().experiment
-        except UsageError as err:
+        except Exception as err:
+            from wandb.errors import UsageError  # imported only on failure: this runs at every log call
+
+            if not isinstance(err, UsageError):
+                raise
             raise ValueError(f"logger.wandb: {err}; fix the logger.wandb settings") from None
 
     @rank_zero_only

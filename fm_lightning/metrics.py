@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .progress import num_examples, track
+from .reliability import refused_global
 
 __all__ = ["wasserstein2", "rbf_mmd2", "FID", "to_uint8", "fingerprint", "check_reference_path"]
 
@@ -113,8 +114,8 @@ def _check_weights_only(path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        named = re.search(r"GLOBAL (\S+)", str(err))  # torch names the class or function it refused
-        what = f"holds {named[1]}, which is not loaded (unpickling could run code)" if named else "is not a torch file"
+        named = refused_global(err)
+        what = f"holds {named}, which is not loaded (unpickling could run code)" if named else "is not a torch file"
         raise ValueError(f"weights_path={path!r} {what}; give the path of a local copy of {INCEPTION_URL}") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise ValueError(f"weights_path={path!r} is not readable ({type(err).__name__}: {str(err).splitlines()[0]}); "

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .distributed import seed_rank
 
 __all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError",
-           "read_checkpoint", "check_weights_fit", "find_last_checkpoint"]
+           "read_checkpoint", "refused_global", "check_weights_fit", "find_last_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,13 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         self._save_last_checkpoint(trainer, monitor_candidates)
 
 
+def refused_global(err: pickle.UnpicklingError) -> str | None:
+    """The class or function that ``torch.load(weights_only=True)`` refused to unpickle, as its
+    error names it (``None`` if the file is no pickle at all)."""
+    named = re.search(r"GLOBAL (\S+)", str(err))
+    return named[1] if named else None
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``; one clear error for a missing,
     unreadable, truncated, corrupt (a zip checksum that fails, NaN/inf weights), unsafe or
@@ -107,9 +114,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        named = re.search(r"GLOBAL (\S+)", str(err))  # torch names the class or function it refused
+        named = refused_global(err)
         raise ValueError(
-            f"refusing to load {path!r}: it holds {named[1] if named else 'Python objects'}, which weights_only "
+            f"refusing to load {path!r}: it holds {named or 'Python objects'}, which weights_only "
             "loading does not allow (unpickling could run code); pass a checkpoint written by fm-train or fm-cli, "
             "which hold only weights and plain values"
         ) from err

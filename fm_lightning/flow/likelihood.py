@@ -52,11 +52,15 @@ Divergence = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
 
 
+def _normal(x: Tensor) -> Tensor:
+    """``x``, copied (outside inference mode) into a normal tensor if it was made under
+    ``torch.inference_mode`` (Lightning's validate, test and predict), which autograd cannot record."""
+    return x.clone() if x.is_inference() else x
+
+
 def _grad_input(x: Tensor) -> Tensor:
-    """A copy of ``x`` that requires grad. Called outside inference mode, the copy is a normal
-    tensor even when ``x`` was made under ``torch.inference_mode`` (Lightning's validate, test and
-    predict), which autograd could not record."""
-    return x.detach().clone().requires_grad_(True)
+    """``x`` as a leaf that requires grad."""
+    return _normal(x).detach().requires_grad_(True)
 
 
 def exact_divergence(velocity: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +79,7 @@ def exact_divergence(velocity: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, 
         ``(v, div)``: ``v`` (B, *shape) and ``div`` (B,), both detached.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        x, t = _grad_input(x), t.clone()
+        x, t = _grad_input(x), _normal(t)
         v = velocity(x, t)
         flat = v.flatten(1)
         dims = flat.shape[1]
@@ -102,7 +106,7 @@ def hutchinson_divergence(velocity: Velocity, x: Tensor, t: Tensor, probe: Tenso
         ``(v, estimate)``: ``v`` (B, *shape) and the estimate (B,), both detached.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        x, t, probe = _grad_input(x), t.clone(), probe.clone()
+        x, t, probe = _grad_input(x), _normal(t), _normal(probe)
         v = velocity(x, t)
         (vjp,) = torch.autograd.grad((v * probe).sum(), x)
     return v.detach(), (vjp * probe).flatten(1).sum(1).detach()

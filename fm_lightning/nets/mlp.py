@@ -8,6 +8,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from .labels import add_label_embedding
+
 __all__ = ["MLP", "ACTIVATIONS", "ExpLinear"]
 
 
@@ -104,10 +106,4 @@ class MLP(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP(dim={self.dim}) expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         h = self.inp(torch.cat([x, t.reshape(-1, 1).to(x.dtype).expand(x.shape[0], 1)], 1))
-        if self.label_emb is not None:
-            if cond is None:
-                cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            h = h + self.label_emb(cond.long())
-        elif cond is not None:
-            raise ValueError("this MLP is unconditional (num_classes=0) but got cond labels; set model.net.num_classes")
-        return self.body(h)
+        return self.body(add_label_embedding(h, self.label_emb, cond, "MLP"))

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .labels import add_label_embedding
+
 __all__ = ["UNet", "timestep_embedding"]
 
 
@@ -253,15 +255,7 @@ class UNet(nn.Module):
             )
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
-        if self.label_emb is not None:
-            if cond is None:
-                cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.label_emb(cond.long())
-        elif cond is not None:
-            raise ValueError(
-                "this UNet is unconditional (num_classes=0) but got cond labels; set model.net.num_classes "
-                "(e.g. ${data.num_classes}) to train a class-conditional model"
-            )
+        emb = add_label_embedding(emb, self.label_emb, cond, "UNet")
         h = self.input_conv(x)
         hs = [h]
         for layer in self.down:
