@@ -164,18 +164,20 @@ def evaluate(velocity, source, target, n: int = 2000, repeats: int = 3, seed: in
     target sets of ``n`` (the finite-sample floor); ``nfe``: dopri5 function evaluations
     (``dopri5_steps``: its attempted ``(dt, error_ratio, worst_share)`` per draw).
     (One 2000-vs-2000 W2 on 8gaussians moves by +-0.1 with the mode counts of the draw; the
-    mean of three draws is steadier.)"""
+    mean of three draws is steadier.) W2 is in the target's units: a points file's own
+    (:meth:`~datamodules.toy.Points.to_data`), whatever the run's frame."""
     from fm_lightning.flow.solve import odeint
     from fm_lightning.metrics import wasserstein2
 
+    to_data = getattr(target, "to_data", lambda x: x)
     w2, floor, nfe, steps = [], [], [], []
     for r in range(repeats):
         g = torch.Generator().manual_seed(10_000 + 100 * seed + r)
         x0 = source.sample(n, g)
-        ref, ref2 = target.sample(n, g), target.sample(n, g)
+        ref, ref2 = to_data(target.sample(n, g)), to_data(target.sample(n, g))
         with record_adaptive_steps() as attempted:
             sol = odeint(velocity, x0, "dopri5", atol=atol, rtol=rtol)
-        w2.append(wasserstein2(sol.x, ref))
+        w2.append(wasserstein2(to_data(sol.x), ref))
         floor.append(wasserstein2(ref2, ref))
         nfe.append(sol.nfe)
         steps.append(attempted)

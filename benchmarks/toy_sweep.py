@@ -7,7 +7,8 @@ Each ``--config NAME=OVERRIDE,OVERRIDE,...`` is a set of Hydra overrides on top 
 defaults. Every (config, task, flow) is trained with the bare loop of ``_common.bare_train``
 (the composed net, objective, optimizer, schedule and data stream; statistically the same
 training as ``fm-train``, without Lightning's overhead), then evaluated with fixed seeds:
-W2 of 2000 samples vs 2000 fresh target samples, the floor (W2 between two fresh target
+W2 of 2000 samples vs 2000 fresh target samples (in a points file's own units, whatever the
+run's frame; ``points_x300`` and ``points_div100`` are the ``points`` task's file in other units), the floor (W2 between two fresh target
 sets) and dopri5 NFE at atol=rtol=1e-4, each the mean of 3 draws. CPU seconds are this process's (one torch thread),
 the right proxy for idle-core wall time on a shared machine. Results are appended to
 ``benchmarks/results/sweep.jsonl`` and printed as a Markdown table.
@@ -23,6 +24,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+import numpy as np
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TASK_OVERRIDES = {
     "default": [],
@@ -30,7 +33,10 @@ TASK_OVERRIDES = {
     "moons_to_8gaussians": ["experiment=moons_to_8gaussians"],
     "n_to_moons": ["experiment=n_to_moons"],
     "n_to_scurve": ["experiment=n_to_scurve"],
-    "points": ["data.target={points}"],
+    "points": ["data.target={file}"],
+    # the same points in other units: 300 x + (1000, -500), and x / 100
+    "points_x300": ["data.target={file}"],
+    "points_div100": ["data.target={file}"],
 }
 
 
@@ -71,9 +77,12 @@ def main() -> None:
     from _common import make_points_file
 
     os.makedirs(RESULTS, exist_ok=True)
-    points = os.path.join(RESULTS, "user_points.npy")
-    if not os.path.exists(points):
-        make_points_file(points)
+    points = {"points": os.path.join(RESULTS, "user_points.npy")}
+    if not os.path.exists(points["points"]):
+        make_points_file(points["points"])
+    for name, (scale, shift) in {"points_x300": (300.0, [1000.0, -500.0]), "points_div100": (0.01, [0.0, 0.0])}.items():
+        points[name] = os.path.join(RESULTS, f"user_{name}.npy")
+        np.save(points[name], (scale * np.load(points["points"]) + np.float32(shift)).astype(np.float32))
     jobs = []
     for spec in args.config:
         name, _, ovr = spec.partition("=")
@@ -81,7 +90,7 @@ def main() -> None:
         for task in args.tasks:
             for flow in args.flows:
                 for seed in args.seeds:
-                    task_ovr = [o.format(points=points) for o in TASK_OVERRIDES[task]]
+                    task_ovr = [o.format(file=points.get(task)) for o in TASK_OVERRIDES[task]]
                     jobs.append({"config": name, "task": task, "flow": flow, "seed": seed, "eval_seed": 0,
                                  "overrides": [f"flow={flow}", *task_ovr, *extra, f"seed={seed}"], "tag": args.tag})
     rows = []

@@ -9,6 +9,7 @@ file), or a path ending in ``.npy``, ``.npz`` or ``.csv``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -33,6 +34,7 @@ __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
     "ToyDataModule", "load_pairs", "distribution_record", "as_override", "points_fingerprint", "same_points",
+    "frame_of", "to_data_units", "standard_frames", "is_points_spec",
 ]
 
 
@@ -74,6 +76,11 @@ class Distribution:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def to_data(self, x: Tensor) -> Tensor:
+        """Samples (n, dim) of this distribution's space in its data's own units (the same
+        here; a points file in a standard frame maps them back)."""
+        return x
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "data" and not k.startswith("_"))
@@ -322,9 +329,14 @@ class Points(Distribution):
             checkpoint recorded; the file must still hold those points, else one clear error.
             ``None`` (a fresh Points): computed from the file. Checkpoints record it, so that a
             file that has changed since training is refused and one that has moved is recognised.
+        loc, scale: a standard frame (d floats each, scale > 0): points are drawn as
+            ``(x - loc) / scale``, and :meth:`to_data` maps samples back to the file's units.
+            ``None``: the file's points as they are. :meth:`standardized` gives the frame of a
+            file; checkpoints record it.
     """
 
-    def __init__(self, file: str, fingerprint: str | None = None) -> None:
+    def __init__(self, file: str, fingerprint: str | None = None, loc: list[float] | None = None,
+                 scale: list[float] | None = None) -> None:
         # the checkpoint records the absolute path; sampling may run elsewhere
         self.file = os.path.abspath(to_absolute_path(os.path.expanduser(str(file))))
         self.data = load_points(self.file)
@@ -337,10 +349,75 @@ class Points(Distribution):
                 "--target (fm-eval) for a target, data.source/data.target for fm-train"
             )
         self.fingerprint = actual
+        self._set_frame(loc, scale)
+
+    def _set_frame(self, loc: Any, scale: Any) -> None:
+        self.loc, self.scale = _check_frame(loc, scale, self.dim, self.file)
+        self._points = self.data if self.loc is None else _standardize(self.data, self.loc, self.scale)
 
     def sample(self, n, generator=None):
         idx = torch.randint(0, self.data.shape[0], (n,), generator=generator)
-        return self.data[idx]
+        return self._points[idx]
+
+    def standardized(self, like: Distribution | None = None) -> Points:
+        """These points shifted and scaled per dimension to the mean and std of ``like``: a
+        distribution's (estimated from 100,000 draws with seed 0), a framed points file's own
+        frame, or (``None``, or another dimension) zero mean and unit std."""
+        if isinstance(like, Points) and like.loc is not None and like.dim == self.dim:
+            return self.in_frame(like.loc, like.scale)
+        data = self.data.double()
+        mean, std = data.mean(0), data.std(0, unbiased=False)
+        std = torch.where(std > 0, std, 1.0)
+        if like is not None and not isinstance(like, Points) and like.dim == self.dim:
+            drawn = like.sample(100_000, torch.Generator().manual_seed(0)).double()
+            scale = std / drawn.std(0, unbiased=False)
+            return self.in_frame((mean - drawn.mean(0) * scale).tolist(), scale.tolist())
+        return self.in_frame(mean.tolist(), std.tolist())
+
+    def in_frame(self, loc: list[float] | None, scale: list[float] | None) -> Points:
+        """These points in the frame ``(loc, scale)`` (``None``: the file's numbers)."""
+        out = copy.copy(self)
+        out._set_frame(loc, scale)
+        return out
+
+    def to_data(self, x: Tensor) -> Tensor:
+        """Samples (n, d) of this distribution's space in the file's units (undoes the frame)."""
+        return to_data_units(x, self.loc, self.scale)
+
+
+def to_data_units(x: Tensor, loc: list[float] | None, scale: list[float] | None) -> Tensor:
+    """Samples (n, d) of the frame ``(loc, scale)`` in the file's units: ``x * scale + loc``."""
+    if loc is None:
+        return x
+    return x * x.new_tensor(scale) + x.new_tensor(loc)
+
+
+def frame_of(spec: Any) -> tuple[list[float] | None, list[float] | None]:
+    """The frame ``(loc, scale)`` that a distribution spec (``{"class_path", "init_args"}``)
+    records: a standardized points file's, else ``(None, None)``."""
+    args = (spec.get("init_args") or {}) if is_points_spec(spec) else {}
+    return args.get("loc"), args.get("scale")
+
+
+def _check_frame(loc: Any, scale: Any, dim: int, file: str) -> tuple[list[float] | None, list[float] | None]:
+    """``loc`` and ``scale`` as ``dim`` floats each (scale > 0), or both ``None``."""
+    if loc is None and scale is None:
+        return None, None
+    try:
+        loc, scale = [float(v) for v in loc], [float(v) for v in scale]
+    except (TypeError, ValueError):
+        raise ValueError(f"points {file!r}: loc and scale must be lists of {dim} numbers, got {loc!r} and {scale!r}") \
+            from None
+    if len(loc) != dim or len(scale) != dim:
+        raise ValueError(f"points {file!r} are {dim}-dimensional but loc/scale have {len(loc)}/{len(scale)} entries")
+    if not all(map(math.isfinite, loc)) or not all(s > 0 and math.isfinite(s) for s in scale):
+        raise ValueError(f"points {file!r}: loc must be finite and scale > 0 and finite, got {loc} and {scale}")
+    return loc, scale
+
+
+def _standardize(data: Tensor, loc: list[float], scale: list[float]) -> Tensor:
+    loc64, scale64 = torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64)
+    return ((data.double() - loc64) / scale64).float()
 
 
 def points_fingerprint(points: Tensor) -> str:
@@ -487,15 +564,43 @@ DISTRIBUTIONS: dict[str, type[Distribution]] = {
 }
 
 
-def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distribution:
+def make_distribution(spec: Any, dim: int | None = None, standardize: bool = False, source: Any = None,
+                      target: Any = None, **kwargs: Any) -> Distribution:
     """Build a distribution from a name, a points-file path, a dict or an instance.
 
     Args:
         spec: ``"moons"``, ``"data/my_points.npy"``, ``{"name": "gaussian", "std": 2}``, or a
             :class:`Distribution` (returned as is).
         dim: dimension for ``gaussian`` (ignored by the fixed 2-D shapes).
+        standardize: put a points file (without a frame of its own) in the run's standard
+            frame (:func:`standard_frames`): ``spec`` is the run's source when ``target`` is given,
+            else its target (of ``source``, if given).
+        source, target: the run's other side (spec or instance), for ``standardize``.
         **kwargs: constructor arguments of the chosen distribution.
     """
+    dist = _build(spec, dim, **kwargs)
+    if not (standardize and isinstance(dist, Points)):
+        return dist
+    if target is not None:
+        return standard_frames(dist, _build(target, dim))[0]
+    return standard_frames(None if source is None else _build(source, dim), dist)[1]
+
+
+def standard_frames(source: Distribution | None, target: Distribution) -> tuple[Distribution | None, Distribution]:
+    """``source`` and ``target`` with their points files (those without a frame) in the run's
+    standard frame, where the default recipe is tuned: a file facing a named distribution takes
+    its mean and std per dimension (``gaussian`` -> points: the file standardized), so the flow
+    moves between distributions of one scale; of two files, both take the target file's zero-mean,
+    unit-std frame, which keeps their relative place. Named distributions stay as they are."""
+    if isinstance(target, Points) and target.loc is None:
+        target = target.standardized(None if isinstance(source, Points) else source)
+    if isinstance(source, Points) and source.loc is None:
+        source = source.standardized(target)
+    return source, target
+
+
+def _build(spec: Any, dim: int | None = None, **kwargs: Any) -> Distribution:
+    """:func:`make_distribution` without standardization."""
     if isinstance(spec, Distribution):
         return spec
     if isinstance(spec, dict) or type(spec).__name__ == "DictConfig":
@@ -503,7 +608,7 @@ def make_distribution(spec: Any, dim: int | None = None, **kwargs: Any) -> Distr
         if "name" not in spec:
             raise ValueError(f"distribution {spec} has no name; add name: one of {sorted(DISTRIBUTIONS)}, "
                              "e.g. {name: circles, factor: 0.3}")
-        return make_distribution(spec.pop("name"), dim=spec.pop("dim", dim), **spec, **kwargs)
+        return _build(spec.pop("name"), dim=spec.pop("dim", dim), **spec, **kwargs)
     name = str(spec)
     if name.lower().endswith((".npy", ".npz", ".csv")):
         name, kwargs = "points", {"file": name, **kwargs}
@@ -585,7 +690,12 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
         theirs, mine = json.loads(recorded[role]), json.loads(distribution_record(dist))
         if theirs == mine or same_points(theirs, mine):
             continue
-        if _is_points(theirs) and _is_points(mine) and theirs["init_args"]["file"] == mine["init_args"]["file"]:
+        fingerprints = [(spec.get("init_args") or {}).get("fingerprint") for spec in (theirs, mine)]
+        if is_points_spec(theirs) and is_points_spec(mine) and None != fingerprints[0] == fingerprints[1]:
+            raise ValueError(f"the pairs in {file!r} were drawn in another standard frame of the {role} points than "
+                             f"this run's; set data.standardize={str(frame_of(theirs)[0] is not None).lower()}, as "
+                             "the run that drew them")
+        if is_points_spec(theirs) and is_points_spec(mine) and theirs["init_args"]["file"] == mine["init_args"]["file"]:
             raise ValueError(f"points file {dist.file!r} has changed since the pairs in {file!r} were drawn from it; "
                              f"restore it, or generate the pairs again")
         raise ValueError(
@@ -606,16 +716,17 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
 
 
-def _is_points(spec: Any) -> bool:
+def is_points_spec(spec: Any) -> bool:
+    """Whether ``spec`` (``{"class_path", "init_args"}``) describes a points file."""
     return isinstance(spec, dict) and _registered_name(str(spec.get("class_path", ""))) == "points"
 
 
 def same_points(recorded: Any, current: Any) -> bool:
     """Whether two distribution specs (``{"class_path", "init_args"}``) are points files holding
-    the same data: by content fingerprint when both record one, wherever the file is now; else
-    (a record from before fingerprints) by path, a recorded file that no longer exists (moved
-    since) standing for the one given."""
-    if not (_is_points(recorded) and _is_points(current)):
+    the same data in the same frame (:func:`frame_of`): by content fingerprint when both record
+    one, wherever the file is now; else (a record from before fingerprints) by path, a recorded
+    file that no longer exists (moved since) standing for the one given."""
+    if not (is_points_spec(recorded) and is_points_spec(current)) or frame_of(recorded) != frame_of(current):
         return False
     theirs, mine = recorded.get("init_args") or {}, current.get("init_args") or {}
     if "fingerprint" in theirs and "fingerprint" in mine:
@@ -728,6 +839,13 @@ class ToyDataModule(L.LightningDataModule):
             problem* (minibatch OT pairing, ``t``, noise, ``x_t`` and ``u_t``) while the main
             process trains, so none of it costs training time as long as a core is free. 0 does
             everything in the main process; the batches are the same either way.
+        standardize: put points files in the run's standard frame (:func:`standard_frames`; the
+            default recipe's sigma, tolerances and learning rate are tuned for the scale of the
+            named distributions): a file facing a named distribution takes its mean and std per
+            dimension (``gaussian`` -> file: the file standardized); two files take the target
+            file's zero-mean, unit-std frame. The flow, its samples and the plots are in the
+            frame; ``val/w2``, fm-eval's metrics and fm-sample's samples in the target file's
+            units (:meth:`Points.to_data`). ``False``: use the files' numbers as they are.
 
     Training batches are drawn in the loader by :attr:`objective`: the one given, else the
     trainer's model's (``model.flow``), except one whose coupling gathers the global batch
@@ -748,6 +866,7 @@ class ToyDataModule(L.LightningDataModule):
         seed: int = 0,
         pairs: str | None = None,
         num_workers: int = 1,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1 or val_size < 1:
@@ -756,8 +875,10 @@ class ToyDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0 (0 draws batches in the training process), got {num_workers}")
         self.num_workers = num_workers
         self.objective: Any = None
-        self.source = make_distribution(source, dim=dim)
-        self.target = make_distribution(target, dim=dim)
+        self.standardize = bool(standardize)
+        self.source, self.target = make_distribution(source, dim=dim), make_distribution(target, dim=dim)
+        if self.standardize:
+            self.source, self.target = standard_frames(self.source, self.target)
         if self.source.dim != self.target.dim:
             raise ValueError(
                 f"source {self.source} has dim {self.source.dim} but target {self.target} has dim "

@@ -7,7 +7,9 @@ Metrics (keys in the JSON):
   ``eval/mmd2`` (unbiased multi-scale RBF MMD^2), ``eval/nfe``; ``eval/nll`` in nats/dim from the
   exact divergence (instantaneous change of variables, integrated backwards from data to the
   source, whose ``log_prob`` must be known) with ``eval/nll_nfe``; and the straightness of the
-  flow, ``eval/path_energy`` and ``eval/npe`` (``|PE - W2^2| / W2^2``, Tong et al.).
+  flow, ``eval/path_energy`` and ``eval/npe`` (``|PE - W2^2| / W2^2``, Tong et al.). For a
+  target points file in a standard frame (``data.standardize``), W2, MMD and NLL are in the
+  file's units, the straightness in the frame the flow runs in.
 - images: ``eval/fid`` (Inception-v3 features, or an injected extractor, see
   :class:`~fm_lightning.metrics.FID`; reference: the train split) with ``eval/nfe``, and
   ``eval/bpd`` (bits/dim of uniformly dequantised held-out images, the validation or test split,
@@ -266,10 +268,11 @@ def evaluate_points(
     sol = model.sample(x0=x0, **kw)
     out: dict[str, float] = {"eval/nfe": float(sol.nfe)}
     skipped: dict[str, str] = {}
+    to_data = target.to_data  # a points file's own units
     if "w2" in names:
-        out["eval/w2"] = wasserstein2(sol.x, reference)
+        out["eval/w2"] = wasserstein2(to_data(sol.x), to_data(reference))
     if "mmd" in names:
-        out["eval/mmd2"] = rbf_mmd2(sol.x, reference)
+        out["eval/mmd2"] = rbf_mmd2(to_data(sol.x), to_data(reference))
     hp = model.hparams
     solver_kw = {k: hp[k] if v is None else v for k, v in kw.items()}
     pe = path_energy(_EvalVelocity(model), x0.to(model.device), **solver_kw).mean
@@ -283,7 +286,11 @@ def evaluate_points(
             x1 = target.sample(num_likelihood, gen).to(model.device)
             res = log_likelihood(_EvalVelocity(model), x1, model.source.log_prob, solver="dopri5",
                                  atol=likelihood_tol, rtol=likelihood_tol, divergence="exact")
-            out["eval/nll"] = float(-res.log_prob.mean()) / x1[0].numel()
+            from datamodules.toy import Points
+
+            # in the file's units: log p(x) = log p(z) - sum(log scale) for z = (x - loc) / scale
+            log_scale = sum(map(math.log, target.scale or ())) if isinstance(target, Points) else 0.0
+            out["eval/nll"] = (float(-res.log_prob.mean()) + log_scale) / x1[0].numel()
             out["eval/nll_nfe"] = float(res.nfe)
     rows = []
     if sweep:
@@ -291,7 +298,9 @@ def evaluate_points(
             s = model.sample(x0=x0, **setting.kwargs())
             return s.x, float(s.nfe)
 
-        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(x, reference), "mmd2": rbf_mmd2(x, reference)},
+        reference = to_data(reference)
+        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(to_data(x), reference),
+                                            "mmd2": rbf_mmd2(to_data(x), reference)},
                          progress=progress)
     return {"metrics": out, "skipped": skipped, "sweep": rows}
 
@@ -543,20 +552,22 @@ def _run_config(ckpt: Path, data_config: str | None) -> Any:
 
 
 def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
-    from datamodules.toy import make_distribution
+    """The target distribution, in the standard frame the model's run put its points in."""
+    from datamodules.toy import Points, frame_of, make_distribution
 
     from .spec import from_spec
 
     dim = int(model.source.sample(1).shape[1])
+    recorded = (read_checkpoint(ckpt, "cpu").get("datamodule_hyper_parameters") or {}).get("target")
     if target is not None:
         try:
-            return make_distribution(target, dim=dim)
+            dist = make_distribution(target, dim=dim)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--target: {err}") from None
+        loc, scale = frame_of(recorded)  # the model's samples are in that frame
+        return dist.in_frame(loc, scale) if isinstance(dist, Points) and len(loc or ()) == dist.dim else dist
     # a given --data-config wins over what the checkpoint recorded, as --target does
-    recorded = None if data_config else (read_checkpoint(ckpt, "cpu").get("datamodule_hyper_parameters") or {}).get(
-        "target")
-    if recorded is not None:
+    if recorded is not None and not data_config:
         try:
             return from_spec(recorded)
         except (FileNotFoundError, ValueError, TypeError) as err:
@@ -564,7 +575,8 @@ def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | No
     data = _run_config(ckpt, data_config)
     if data is not None and "target" in data:
         try:
-            return make_distribution(data.target, dim=dim)
+            return make_distribution(data.target, dim=dim, standardize=data.get("standardize", False),
+                                     source=data.get("source"))
         except (ValueError, FileNotFoundError) as err:
             where = f"--data-config {data_config!r}" if data_config else "the run's config"
             raise ValueError(f"data.target of {where}: {err} (a relative path is read from the current folder "

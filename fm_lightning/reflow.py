@@ -215,7 +215,8 @@ class ReflowChain(_HydraCallback):
         run_dir = Path(run_dir)
         out = run_dir / "reflow"
         stage1 = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        target = make_distribution(cfg.data.target, dim=cfg.data.dim)
+        target = make_distribution(cfg.data.target, dim=cfg.data.dim, standardize=cfg.data.get("standardize", False),
+                                   source=cfg.data.source)
         x0, x1, nfe = generate_pairs(stage1, self.num_pairs, self.batch_size, self.solver, self.steps,
                                      self.atol, self.rtol, seed=int(cfg.seed))
         pairs = save_pairs(out / "pairs.npz", x0, x1, nfe=nfe, source=distribution_record(stage1.source),
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    from datamodules.toy import as_override, distribution_record
+    from datamodules.toy import is_points_spec, as_override, distribution_record, frame_of
 
     from .reliability import read_checkpoint
     from .sample import load_model
@@ -288,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.append("data.target=<the target this checkpoint was trained on>")
     if x0.dim() == 2:
         data.append(f"data.dim={x0.shape[1]}")
+    if any(is_points_spec(json.loads(r)) and frame_of(json.loads(r))[0] is None for r in records.values()):
+        data.append("data.standardize=false")  # points drawn as their files hold them
     print(f"wrote {len(x0)} pairs (NFE {nfe:.1f}) to {path}; train on them with "
           f"+data.pairs={shlex.quote(path)} flow=icfm {' '.join(data)}")
     return 0

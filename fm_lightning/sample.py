@@ -5,7 +5,8 @@ conditional checkpoints need ``--class K``, ``--class all`` (balanced, one class
 column) or ``--class null`` (unconditional), and take a guidance scale ``--guidance s``. The EMA
 weights are used when the checkpoint has them (``--raw-weights`` for the others). Existing
 files are never replaced without ``--overwrite``; the output files and the device are checked
-before the checkpoint is read.
+before the checkpoint is read. Points are written in the units of the run's target file when
+the run put it in a standard frame (``data.standardize``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from .flow.solve import SOLVERS, check_solver_options
 from .progress import track
 
-__all__ = ["SOURCE_FILE_HELP", "load_model", "main"]
+__all__ = ["SOURCE_FILE_HELP", "load_model", "in_target_units", "main"]
 
 
 #: ``--source-file``'s help, the same in every tool that takes it.
@@ -115,7 +116,7 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
     points in ``source_file`` if given. Shared by ``fm-sample``, ``fm-eval`` and
     ``python -m fm_lightning.reflow``: a recorded points source that has moved, and a
     ``--source-file`` the model cannot take, get one message each, naming ``--source-file``."""
-    from datamodules.toy import Points
+    from datamodules.toy import Points, frame_of
 
     from .module import load_checkpoint
     from .reliability import read_checkpoint
@@ -123,6 +124,10 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
 
     try:
         source = None if source_file is None else Points(source_file)
+        if source is not None:  # drawn in the standard frame the recorded source was drawn in
+            loc, scale = frame_of(read_checkpoint(ckpt)["hyper_parameters"].get("source"))
+            if loc is not None and len(loc) == source.dim:  # (another dim: refused below)
+                source = source.in_frame(loc, scale)
     except (ValueError, FileNotFoundError) as err:
         if _takes_images(read_checkpoint(ckpt)["hyper_parameters"]):
             raise ValueError("--source-file draws x0 points, but this model takes images; leave --source-file out") \
@@ -154,6 +159,17 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
             + (f"{dim}-dimensional ones; give a file of shape (N, {dim})" if dim else "images; leave it out")
         )
     return model
+
+
+def in_target_units(ckpt: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
+    """Points ``x`` (n, d) sampled from the checkpoint's model, in the units of its target points
+    file when the run trained in a standard frame (``data.standardize``); else as they are."""
+    from datamodules.toy import frame_of, to_data_units
+
+    from .reliability import read_checkpoint
+
+    recorded = read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
+    return to_data_units(x, *frame_of(recorded.get("target")))
 
 
 def _takes_images(hparams: dict) -> bool:
@@ -201,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunks.append(sol.x.cpu())
             nfe = max(nfe, sol.nfe)
         samples = torch.cat(chunks)
+        if grid is None:
+            samples = in_target_units(args.ckpt, samples)
         extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
         part = args.out + ".part"  # renamed into place: a failed write keeps an older --out
         try:

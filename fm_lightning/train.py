@@ -28,7 +28,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationKeyError
 
-from datamodules.toy import same_points
+from datamodules.toy import frame_of, same_points
 
 from .callbacks import FinalValidation
 from .distributed import check_devices, check_num_nodes, per_device_batch_size
@@ -282,11 +282,17 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
         recorded.update(_flat(data, "data"))
         current.update(_flat(own, "data"))
         specs["data.target"] = (data.get("target"), own.get("target"))
+    for prefix, (theirs, mine) in specs.items():  # on both sides: a record from before frames has none
+        keys = (f"{prefix}.loc", f"{prefix}.scale")
+        recorded.update(zip(keys, frame_of(theirs)))
+        current.update(zip(keys, frame_of(mine)))
     # Points files holding the same data are the same, wherever they are now (moved since).
     same = tuple(f"{prefix}." for prefix, (theirs, mine) in specs.items() if same_points(theirs, mine))
     # A key on one side only is an argument the code added or dropped since (another class
     # differs in its _target_, on both sides).
     differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k] and not k.startswith(same))
+    if any(k.endswith(".fingerprint") for k in differ):  # the frames follow the points: name those
+        differ = [k for k in differ if not k.endswith((".loc", ".scale"))]
     if not differ:
         return
     classes = [k[: -len("_target_")] for k in differ if k.endswith("._target_")]  # their arguments differ too
@@ -294,6 +300,10 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
     diffs = "; ".join(f"{k}: {recorded[k]!r} there, {current[k]!r} here" for k in shown)
     if any(k.endswith(".fingerprint") for k in shown):
         diffs += "; another fingerprint means other points than the run trained on: restore the file it used"
+    if any(k.endswith((".loc", ".scale")) for k in shown):
+        standardized = any(frame_of(theirs)[0] is not None for theirs, _ in specs.values())
+        diffs += ("; another loc/scale is another standard frame of the points: the run was trained with "
+                  f"data.standardize={str(standardized).lower()}")
     overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]

@@ -311,9 +311,9 @@ def test_a_resume_knows_its_points_files_by_their_contents_wherever_they_are_now
     src.rename(moved)
     monkeypatch.chdir(tmp_path)
 
-    def resume(steps, source=str(moved), target="tgt.npy"):
+    def resume(steps, *extra, source=str(moved), target="tgt.npy"):
         return run(compose_config([*common, f"data.source={source}", f"data.target={target}",
-                                   f"trainer.max_steps={steps}", f"ckpt_path={last}"], run_dir))
+                                   f"trainer.max_steps={steps}", f"ckpt_path={last}", *extra], run_dir))
 
     assert resume(20)["global_step"] == 20
     np.save(tgt, rng.normal(size=(200, 2)).astype(np.float32) + 13)  # other points at the recorded path
@@ -325,10 +325,11 @@ def test_a_resume_knows_its_points_files_by_their_contents_wherever_they_are_now
     assert f"points file {str(moved)!r} changed since training (fingerprint 200x2:" in capsys.readouterr().err
     assert sample.main([str(last), "--num-samples", "5", "--out", str(tmp_path / "b.npz"),
                         "--source-file", str(moved)]) == 0  # --source-file replaces the recorded source
-    # A checkpoint written before fingerprints: its paths alone are compared, as before.
+    # A checkpoint written before fingerprints (and standard frames): its paths alone are compared, as before.
     older = torch.load(last, weights_only=True)
-    del older["hyper_parameters"]["source"]["init_args"]["fingerprint"]
-    del older["datamodule_hyper_parameters"]["target"]["init_args"]["fingerprint"]
+    for spec in (older["hyper_parameters"]["source"], older["datamodule_hyper_parameters"]["target"]):
+        for key in ("fingerprint", "loc", "scale"):
+            del spec["init_args"][key]
     torch.save(older, last)
     assert load_checkpoint(last).source.file == str(moved)
-    assert resume(30)["global_step"] == 30
+    assert resume(30, "data.standardize=false")["global_step"] == 30

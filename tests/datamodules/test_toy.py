@@ -350,7 +350,7 @@ def test_points_record_a_fingerprint_of_their_contents(tmp_path):
     assert points.fingerprint == Points(str(csv)).fingerprint
     assert re.fullmatch(r"4x2:[0-9a-f]{16}", points.fingerprint)
     spec = to_spec(points)
-    assert spec["init_args"] == {"file": str(npy), "fingerprint": points.fingerprint}
+    assert spec["init_args"] == {"file": str(npy), "fingerprint": points.fingerprint, "loc": None, "scale": None}
     _check_points(from_spec(spec))
     np.save(npy, PTS + 10)
     with pytest.raises(ValueError, match=re.escape(
@@ -426,7 +426,9 @@ def test_every_distribution_argument_has_its_range_checked():
     """NaN is outside every documented range: each constructor argument refuses it by name."""
     for name, cls in DISTRIBUTIONS.items():
         for param in inspect.signature(cls).parameters:
-            if (name, param) not in (("points", "file"), ("points", "fingerprint"), ("gaussian", "dim")):
+            # (a points file's loc and scale: test_a_bad_frame_is_refused_in_one_line)
+            if (name, param) not in (("points", "file"), ("points", "fingerprint"), ("points", "loc"),
+                                     ("points", "scale"), ("gaussian", "dim")):
                 with pytest.raises(ValueError, match=f"distribution '{name}': {param} must be .*, got nan"):
                     make_distribution({"name": name, param: float("nan")})
     with pytest.raises(ValueError, match="distribution 'gaussian': dim must be"):
@@ -581,3 +583,70 @@ def test_trainer_draws_in_the_loader_with_the_models_objective(tmp_path):
         # In one process a global-batch coupling sees the whole batch too, so the loader draws.
         assert seen == [["t", "ut", "x0", "x1", "xt"]] * 3
         assert dm._loader_objective() is flow
+
+
+def test_points_in_a_standard_frame_have_zero_mean_unit_std_and_map_back_to_the_file(tmp_path):
+    """standardized(): (x - mean) / std per dimension of the file (a constant dimension keeps std
+    1); to_data inverts it; the frame is recorded, so the rebuilt points are drawn in it."""
+    from fm_lightning.spec import from_spec, to_spec
+
+    rng = np.random.default_rng(0)
+    raw = np.stack([1000 + 300 * rng.normal(size=500), 1e-3 * rng.normal(size=500), np.full(500, 7.0)], 1)
+    np.save(tmp_path / "pts.npy", raw.astype(np.float32))
+    points = Points(str(tmp_path / "pts.npy")).standardized()
+    data = torch.as_tensor(raw.astype(np.float32)).double()
+    assert points.loc == pytest.approx(data.mean(0).tolist())
+    assert points.scale == pytest.approx([*data.std(0, unbiased=False)[:2].tolist(), 1.0])
+    drawn = points.sample(100_000, _gen())
+    assert drawn.dtype == torch.float32
+    assert drawn.mean(0)[:2].abs().max() < 0.02 and (drawn.std(0)[:2] - 1).abs().max() < 0.02
+    assert torch.equal(drawn[:, 2], torch.zeros(100_000))
+    x = points.sample(50, _gen(2))  # the rows drawn are those of torch.randint with the same generator
+    assert torch.allclose(points.to_data(x).double(), data[torch.randint(0, 500, (50,), generator=_gen(2))],
+                          rtol=1e-6, atol=1e-6)
+    rebuilt = from_spec(to_spec(points))
+    assert rebuilt.loc == points.loc and torch.equal(rebuilt.sample(10, _gen(1)), points.sample(10, _gen(1)))
+    assert Points(str(tmp_path / "pts.npy")).to_data(x) is x  # no frame: the file's numbers
+
+
+@pytest.mark.parametrize("loc, scale, message", [
+    ([0.0], [1.0, 1.0], r"2-dimensional but loc/scale have 1/2 entries"),
+    ([0.0, 0.0], [1.0, 0.0], r"scale > 0 and finite"),
+    ([0.0, float("nan")], [1.0, 1.0], r"loc must be finite"),
+    ([0.0, 0.0], None, r"loc and scale must be lists of 2 numbers"),
+])
+def test_a_bad_frame_is_refused_in_one_line(tmp_path, loc, scale, message):
+    np.save(tmp_path / "pts.npy", PTS)
+    with pytest.raises(ValueError, match=message) as err:
+        Points(str(tmp_path / "pts.npy"), loc=loc, scale=scale)
+    assert "\n" not in str(err.value)
+
+
+def test_the_datamodule_puts_points_files_in_the_runs_standard_frame(tmp_path):
+    """Of two files, both take the target file's zero-mean, unit-std frame (their relative place
+    is kept); a file facing a named distribution takes its mean and std (gaussian: the file
+    standardized); named distributions are drawn as they are; standardize=False leaves the files'
+    numbers; the model config's make_distribution(source, target=...) gives the datamodule's source."""
+    rng = np.random.default_rng(0)
+    src, tgt = rng.normal(size=(400, 2)) * 5 + 100, rng.normal(size=(300, 2)) * [50, 2] - 20
+    np.save(tmp_path / "src.npy", src.astype(np.float32))
+    np.save(tmp_path / "tgt.npy", tgt.astype(np.float32))
+    s_file, t_file = str(tmp_path / "src.npy"), str(tmp_path / "tgt.npy")
+    dm = ToyDataModule(s_file, t_file)
+    t64 = torch.as_tensor(tgt.astype(np.float32)).double()
+    assert dm.source.loc == dm.target.loc == pytest.approx(t64.mean(0).tolist())
+    assert dm.source.scale == dm.target.scale == pytest.approx(t64.std(0, unbiased=False).tolist())
+    assert make_distribution(s_file, 2, standardize=True, target=t_file).loc == dm.source.loc
+    for source, target, framed, named in ((s_file, "8gaussians", "source", EightGaussians()),
+                                          ("gaussian", t_file, "target", Gaussian())):
+        dm = ToyDataModule(source, target)
+        drawn = getattr(dm, framed).sample(200_000, _gen())  # the named side's mean and std
+        ref = named.sample(200_000, _gen(1))
+        torch.testing.assert_close(drawn.mean(0), ref.mean(0), atol=0.03, rtol=0)
+        torch.testing.assert_close(drawn.std(0), ref.std(0), atol=0.03, rtol=0.01)
+        other = dm.target if framed == "source" else dm.source
+        assert torch.equal(other.sample(50, _gen()), named.sample(50, _gen()))
+        built = (make_distribution(source, 2, standardize=True, target=target) if framed == "source"
+                 else make_distribution(target, 2, standardize=True, source=source))
+        assert (built.loc, built.scale) == (getattr(dm, framed).loc, getattr(dm, framed).scale)
+    assert ToyDataModule("gaussian", t_file, standardize=False).target.loc is None

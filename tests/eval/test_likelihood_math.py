@@ -163,3 +163,28 @@ def test_rbf_mmd2_refuses_bandwidths_that_are_not_positive():
     x = torch.randn(10, 2)
     with pytest.raises(ValueError, match=r"MMD bandwidths must be positive lengths, got \(1.0, 0.0\)"):
         rbf_mmd2(x, x, bandwidths=(1.0, 0.0))
+
+
+def test_fm_eval_gives_w2_and_nll_of_a_framed_points_target_in_the_files_units(tmp_path):
+    """A points file in a standard frame (x = loc + 10 y): the model flows in the frame, and
+    evaluate_points reports NLL with the file's density (log p(x) = log p(y) - sum log 10) and
+    W2 in the file's units (10 times the frame's, the same draws)."""
+    import numpy as np
+
+    from datamodules.toy import Points
+
+    y = TARGET.sample(5000, torch.Generator().manual_seed(0))
+    loc, scale = [100.0, -30.0], [10.0, 10.0]
+    np.save(tmp_path / "y.npy", y.numpy())
+    np.save(tmp_path / "x.npy", (y.double() * 10 + torch.tensor(loc, dtype=torch.float64)).float().numpy())
+    framed = Points(str(tmp_path / "x.npy"), loc=loc, scale=scale)
+    unit = Points(str(tmp_path / "y.npy"), loc=[0.0, 0.0], scale=[1.0, 1.0])
+    model = affine_model()
+    out = evaluate_points(model, framed, metrics=["nll", "w2"], num_samples=500, num_likelihood=300, seed=3)
+    gen = torch.Generator().manual_seed(3)  # replay: source (500), reference (500), the likelihood points
+    model.source.sample(500, gen), framed.sample(500, gen)
+    x1 = framed.sample(300, gen)
+    analytic = float(-(TARGET.log_prob(x1) - 2 * math.log(10.0)).mean()) / 2
+    assert abs(out["metrics"]["eval/nll"] - analytic) < 1e-3, (out["metrics"]["eval/nll"], analytic)
+    w2_frame = evaluate_points(model, unit, metrics=["w2"], num_samples=500, seed=3)["metrics"]["eval/w2"]
+    assert out["metrics"]["eval/w2"] == pytest.approx(10 * w2_frame, rel=1e-4)

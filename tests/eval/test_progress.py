@@ -160,6 +160,7 @@ def test_fm_sample_bar_counts_samples_and_no_progress_hides_it(terminal, monkeyp
     import fm_lightning.module
 
     monkeypatch.setattr(fm_lightning.module, "load_checkpoint", lambda *a, **k: affine_model(solver="euler", steps=2))
+    monkeypatch.setattr(sample, "in_target_units", lambda ckpt, x: x)  # no checkpoint file to read the target from
     args = ["x.ckpt", "--num-samples", "10", "--batch-size", "4", "--out", str(tmp_path / "s.npz")]
     assert sample.main(args) == 0
     assert np.load(tmp_path / "s.npz")["samples"].shape == (10, 2)

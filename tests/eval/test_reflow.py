@@ -127,7 +127,7 @@ def test_pairs_know_their_points_file_target_by_its_contents(tmp_path):
     np.save(tmp_path / "a.npy", points)
     x0 = torch.randn(20, 2)
     path = save_pairs(tmp_path / "p.npz", x0, 2 * x0,
-                      target=distribution_record(make_distribution(str(tmp_path / "a.npy"), dim=2)))
+                      target=distribution_record(ToyDataModule("gaussian", str(tmp_path / "a.npy")).target))
     np.save(tmp_path / "b.npy", points)
     assert ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path).pairs == path
     np.save(tmp_path / "other.npy", points + 1)
@@ -142,17 +142,18 @@ def test_pairs_know_their_points_file_target_by_its_contents(tmp_path):
 
 
 def test_pairs_recorded_before_fingerprints_know_their_points_by_path(tmp_path):
+    """(Such records are from before standard frames too: their points were drawn as the files hold them.)"""
     np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
     record = json.loads(distribution_record(make_distribution(str(tmp_path / "a.npy"), dim=2)))
     del record["init_args"]["fingerprint"]
     x0 = torch.randn(20, 2)
     path = save_pairs(tmp_path / "p.npz", x0, 2 * x0, target=json.dumps(record))
     (tmp_path / "b.npy").write_bytes((tmp_path / "a.npy").read_bytes())
-    assert ToyDataModule("gaussian", str(tmp_path / "a.npy"), pairs=path).pairs == path
+    assert ToyDataModule("gaussian", str(tmp_path / "a.npy"), pairs=path, standardize=False).pairs == path
     with pytest.raises(ValueError, match="drawn for data.target=.*a.npy"):  # the recorded file still exists
-        ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path)
+        ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path, standardize=False)
     (tmp_path / "a.npy").unlink()
-    assert ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path).pairs == path
+    assert ToyDataModule("gaussian", str(tmp_path / "b.npy"), pairs=path, standardize=False).pairs == path
 
 
 def test_pairs_are_not_re_paired_by_an_ot_flow(tmp_path):
@@ -189,11 +190,16 @@ def test_reflow_cli_records_source_and_target_and_takes_a_moved_source_file(stag
     assert "does not exist (moved since training?); pass --source-file" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "p.npz"), "--source-file", str(tmp_path / "x0.npy")]) == 0
     hint = capsys.readouterr().out
-    assert f"flow=icfm data.source={tmp_path / 'x0.npy'} data.target=8gaussians data.dim=2" in hint
+    # the recorded source (from before standard frames) has none, so --source-file's points are drawn as they are
+    assert (f"flow=icfm data.source={tmp_path / 'x0.npy'} data.target=8gaussians data.dim=2 data.standardize=false"
+            in hint)
     pairs = str(tmp_path / "p.npz")
-    assert ToyDataModule(str(tmp_path / "x0.npy"), "8gaussians", pairs=pairs).pairs == pairs
+    assert ToyDataModule(str(tmp_path / "x0.npy"), "8gaussians", pairs=pairs, standardize=False).pairs == pairs
     with pytest.raises(ValueError, match="drawn for data.target=8gaussians but data.target is Moons"):
-        ToyDataModule(str(tmp_path / "x0.npy"), "moons", pairs=pairs)
+        ToyDataModule(str(tmp_path / "x0.npy"), "moons", pairs=pairs, standardize=False)
+    with pytest.raises(ValueError, match="drawn in another standard frame of the source points than this run's; "
+                                         "set data.standardize=false, as the run that drew them"):
+        ToyDataModule(str(tmp_path / "x0.npy"), "8gaussians", pairs=pairs)
 
 
 def test_reflow_chain_runs_stage_two_on_the_pairs(stage1):
