@@ -7,6 +7,7 @@ is imported as a sibling module of the script, so no path manipulation is needed
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import sys
 import time
@@ -166,10 +167,11 @@ def evaluate(velocity, source, target, n: int = 2000, repeats: int = 3, seed: in
     (One 2000-vs-2000 W2 on 8gaussians moves by +-0.1 with the mode counts of the draw; the
     mean of three draws is steadier.) W2 is in the target's units: a points file's own
     (:meth:`~datamodules.toy.Points.to_data`), whatever the run's frame."""
+    from datamodules.toy import in_data_units
     from fm_lightning.flow.solve import odeint
     from fm_lightning.metrics import wasserstein2
 
-    to_data = getattr(target, "to_data", lambda x: x)
+    to_data = functools.partial(in_data_units, target)
     w2, floor, nfe, steps = [], [], [], []
     for r in range(repeats):
         g = torch.Generator().manual_seed(10_000 + 100 * seed + r)

@@ -82,7 +82,8 @@ def main() -> None:
         make_points_file(points["points"])
     for name, (scale, shift) in {"points_x300": (300.0, [1000.0, -500.0]), "points_div100": (0.01, [0.0, 0.0])}.items():
         points[name] = os.path.join(RESULTS, f"user_{name}.npy")
-        np.save(points[name], (scale * np.load(points["points"]) + np.float32(shift)).astype(np.float32))
+        if not os.path.exists(points[name]):
+            np.save(points[name], (scale * np.load(points["points"]) + np.float32(shift)).astype(np.float32))
     jobs = []
     for spec in args.config:
         name, _, ovr = spec.partition("=")

@@ -34,7 +34,7 @@ __all__ = [
     "Distribution", "Gaussian", "EightGaussians", "Moons", "SCurve", "Circles", "Checkerboard",
     "SwissRoll", "Pinwheel", "TwoSpirals", "Rings", "Points", "DISTRIBUTIONS", "make_distribution",
     "ToyDataModule", "load_pairs", "distribution_record", "as_override", "points_fingerprint", "same_points",
-    "frame_of", "to_data_units", "standard_frames", "is_points_spec",
+    "frame_of", "to_data_units", "in_data_units", "standard_frames", "is_points_spec",
 ]
 
 
@@ -351,6 +351,10 @@ class Points(Distribution):
         self.fingerprint = actual
         self._set_frame(loc, scale)
 
+    def __repr__(self) -> str:
+        frame = ", in a standard frame" if self.loc is not None else ""
+        return f"Points(file={self.file!r}, fingerprint={self.fingerprint!r}{frame})"
+
     def _set_frame(self, loc: Any, scale: Any) -> None:
         self.loc, self.scale = _check_frame(loc, scale, self.dim, self.file)
         self._points = self.data if self.loc is None else _standardize(self.data, self.loc, self.scale)
@@ -361,7 +365,7 @@ class Points(Distribution):
 
     def standardized(self, like: Distribution | None = None) -> Points:
         """These points shifted and scaled per dimension to the mean and std of ``like``: a
-        distribution's (estimated from 100,000 draws with seed 0), a framed points file's own
+        Gaussian's, a 2-D shape's (from 100,000 draws with seed 0), a framed points file's own
         frame, or (``None``, or another dimension) zero mean and unit std."""
         if isinstance(like, Points) and like.loc is not None and like.dim == self.dim:
             return self.in_frame(like.loc, like.scale)
@@ -369,9 +373,13 @@ class Points(Distribution):
         mean, std = data.mean(0), data.std(0, unbiased=False)
         std = torch.where(std > 0, std, 1.0)
         if like is not None and not isinstance(like, Points) and like.dim == self.dim:
-            drawn = like.sample(100_000, torch.Generator().manual_seed(0)).double()
-            scale = std / drawn.std(0, unbiased=False)
-            return self.in_frame((mean - drawn.mean(0) * scale).tolist(), scale.tolist())
+            if isinstance(like, Gaussian):
+                like_mean, like_std = torch.zeros(self.dim, dtype=torch.float64), torch.full((self.dim,), like.std)
+            else:  # the 2-D shapes
+                drawn = like.sample(100_000, torch.Generator().manual_seed(0)).double()
+                like_mean, like_std = drawn.mean(0), drawn.std(0, unbiased=False)
+            scale = std / like_std
+            return self.in_frame((mean - like_mean * scale).tolist(), scale.tolist())
         return self.in_frame(mean.tolist(), std.tolist())
 
     def in_frame(self, loc: list[float] | None, scale: list[float] | None) -> Points:
@@ -383,6 +391,12 @@ class Points(Distribution):
     def to_data(self, x: Tensor) -> Tensor:
         """Samples (n, d) of this distribution's space in the file's units (undoes the frame)."""
         return to_data_units(x, self.loc, self.scale)
+
+
+def in_data_units(dist: Any, x: Tensor) -> Tensor:
+    """Samples (n, d) of ``dist``'s space in its data's own units (:meth:`Distribution.to_data`;
+    as they are for a sampler without it)."""
+    return dist.to_data(x) if hasattr(dist, "to_data") else x
 
 
 def to_data_units(x: Tensor, loc: list[float] | None, scale: list[float] | None) -> Tensor:
@@ -403,6 +417,8 @@ def _check_frame(loc: Any, scale: Any, dim: int, file: str) -> tuple[list[float]
     """``loc`` and ``scale`` as ``dim`` floats each (scale > 0), or both ``None``."""
     if loc is None and scale is None:
         return None, None
+    if isinstance(loc, str) or isinstance(scale, str):
+        loc = scale = None  # refused below
     try:
         loc, scale = [float(v) for v in loc], [float(v) for v in scale]
     except (TypeError, ValueError):
@@ -578,12 +594,20 @@ def make_distribution(spec: Any, dim: int | None = None, standardize: bool = Fal
         source, target: the run's other side (spec or instance), for ``standardize``.
         **kwargs: constructor arguments of the chosen distribution.
     """
+    _check_bool("standardize", standardize)
+    if source is not None and target is not None:
+        raise ValueError("make_distribution takes the run's source or its target (the other side), not both")
     dist = _build(spec, dim, **kwargs)
     if not (standardize and isinstance(dist, Points)):
         return dist
     if target is not None:
         return standard_frames(dist, _build(target, dim))[0]
     return standard_frames(None if source is None else _build(source, dim), dist)[1]
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"data.{name} must be true or false, got {value!r}")
 
 
 def standard_frames(source: Distribution | None, target: Distribution) -> tuple[Distribution | None, Distribution]:
@@ -667,7 +691,10 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
     missing arrays, shapes that differ or do not match the model's ``dim``, non-finite values, or
     (when the file records the source and target of its pairs, as reflow's do) a ``source`` or
     ``target`` other than those (a points file that has moved since is taken as given; at the
-    recorded path, a points file whose record has a fingerprint must still hold those points)."""
+    recorded path, a points file whose record has a fingerprint must still hold those points).
+    Recorded pairs are in the frame of their records (reflow draws them in the run's); a side that
+    records nothing holds a points file's own numbers, and is put in ``source``'s or ``target``'s
+    standard frame."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"pairs file {file!r} does not exist; give an .npz with arrays x0 and x1")
     held = _contents(file)
@@ -690,8 +717,8 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
         theirs, mine = json.loads(recorded[role]), json.loads(distribution_record(dist))
         if theirs == mine or same_points(theirs, mine):
             continue
-        fingerprints = [(spec.get("init_args") or {}).get("fingerprint") for spec in (theirs, mine)]
-        if is_points_spec(theirs) and is_points_spec(mine) and None != fingerprints[0] == fingerprints[1]:
+        their_points, my_points = ((spec.get("init_args") or {}).get("fingerprint") for spec in (theirs, mine))
+        if is_points_spec(theirs) and is_points_spec(mine) and their_points is not None and their_points == my_points:
             raise ValueError(f"the pairs in {file!r} were drawn in another standard frame of the {role} points than "
                              f"this run's; set data.standardize={str(frame_of(theirs)[0] is not None).lower()}, as "
                              "the run that drew them")
@@ -713,7 +740,11 @@ def load_pairs(file: str, dim: int, source: Distribution | None = None,
         )
     if not (np.isfinite(x0).all() and np.isfinite(x1).all()):
         raise ValueError(f"pairs file {file!r} contains non-finite values")
-    return torch.as_tensor(x0, dtype=torch.float32), torch.as_tensor(x1, dtype=torch.float32)
+    pairs = {"source": torch.as_tensor(x0, dtype=torch.float32), "target": torch.as_tensor(x1, dtype=torch.float32)}
+    for role, dist in (("source", source), ("target", target)):
+        if role not in recorded and isinstance(dist, Points) and dist.loc is not None:  # the file's own numbers
+            pairs[role] = _standardize(pairs[role], dist.loc, dist.scale)
+    return pairs["source"], pairs["target"]
 
 
 def is_points_spec(spec: Any) -> bool:
@@ -844,8 +875,8 @@ class ToyDataModule(L.LightningDataModule):
             named distributions): a file facing a named distribution takes its mean and std per
             dimension (``gaussian`` -> file: the file standardized); two files take the target
             file's zero-mean, unit-std frame. The flow, its samples and the plots are in the
-            frame; ``val/w2``, fm-eval's metrics and fm-sample's samples in the target file's
-            units (:meth:`Points.to_data`). ``False``: use the files' numbers as they are.
+            frame; ``val/w2``, fm-eval's W2, MMD and NLL, and fm-sample's samples in the target
+            file's units (:meth:`Points.to_data`). ``False``: use the files' numbers as they are.
 
     Training batches are drawn in the loader by :attr:`objective`: the one given, else the
     trainer's model's (``model.flow``), except one whose coupling gathers the global batch
@@ -875,7 +906,8 @@ class ToyDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0 (0 draws batches in the training process), got {num_workers}")
         self.num_workers = num_workers
         self.objective: Any = None
-        self.standardize = bool(standardize)
+        _check_bool("standardize", standardize)
+        self.standardize = standardize
         self.source, self.target = make_distribution(source, dim=dim), make_distribution(target, dim=dim)
         if self.standardize:
             self.source, self.target = standard_frames(self.source, self.target)

@@ -459,7 +459,9 @@ class SampleCallback(L.Callback):
             fit = trainer.state.fn == "fit" or self._checkpoint_step is None
             gen = torch.Generator().manual_seed(self.seed + 1 + (trainer.global_step if fit else self._checkpoint_step))
             target = target_dist.sample(self.num_samples, gen)
-            metrics["val/w2"] = wasserstein2(target_dist.to_data(samples), target_dist.to_data(target))
+            from datamodules.toy import in_data_units  # (a points file's own units)
+
+            metrics["val/w2"] = wasserstein2(in_data_units(target_dist, samples), in_data_units(target_dist, target))
             if "val/npe" in self.metric_keys:
                 metrics.update(self._straightness(pl_module, target))
         self.last_metrics = metrics

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -64,8 +65,8 @@ IMAGE_METRICS = ("fid", "bpd")
 EULER_STEPS = (1, 2, 4, 8, 16, 32, 64, 100)
 DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
 _LABELS = {"eval/w2": "W2", "eval/mmd2": "RBF-MMD²", "eval/nll": "NLL (nats/dim)", "eval/fid": "FID",
-           "eval/bpd": "bits/dim", "eval/path_energy": "path energy PE", "eval/npe": "NPE",
-           "eval/w2_source_target": "W2(source, target)"}
+           "eval/bpd": "bits/dim", "eval/path_energy": "path energy PE (flow's frame)", "eval/npe": "NPE",
+           "eval/w2_source_target": "W2(source, target) (flow's frame)"}
 
 
 # -- the NFE sweep -----------------------------------------------------------------------------
@@ -250,6 +251,8 @@ def evaluate_points(
     Returns:
         ``{"metrics": {...}, "skipped": {name: reason}, "sweep": [rows]}``.
     """
+    from datamodules.toy import Points, in_data_units
+
     names, explicit = _check_metrics(metrics, "points")
     if model.num_classes:
         raise ValueError("fm-eval evaluates unconditional 2-D models; this one is class-conditional")
@@ -268,7 +271,7 @@ def evaluate_points(
     sol = model.sample(x0=x0, **kw)
     out: dict[str, float] = {"eval/nfe": float(sol.nfe)}
     skipped: dict[str, str] = {}
-    to_data = target.to_data  # a points file's own units
+    to_data = functools.partial(in_data_units, target)  # a points file's own units
     if "w2" in names:
         out["eval/w2"] = wasserstein2(to_data(sol.x), to_data(reference))
     if "mmd" in names:
@@ -286,8 +289,6 @@ def evaluate_points(
             x1 = target.sample(num_likelihood, gen).to(model.device)
             res = log_likelihood(_EvalVelocity(model), x1, model.source.log_prob, solver="dopri5",
                                  atol=likelihood_tol, rtol=likelihood_tol, divergence="exact")
-            from datamodules.toy import Points
-
             # in the file's units: log p(x) = log p(z) - sum(log scale) for z = (x - loc) / scale
             log_scale = sum(map(math.log, target.scale or ())) if isinstance(target, Points) else 0.0
             out["eval/nll"] = (float(-res.log_prob.mean()) + log_scale) / x1[0].numel()
@@ -552,7 +553,7 @@ def _run_config(ckpt: Path, data_config: str | None) -> Any:
 
 
 def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | None) -> Any:
-    """The target distribution, in the standard frame the model's run put its points in."""
+    """The target distribution, in the standard frame the checkpoint records for its points."""
     from datamodules.toy import Points, frame_of, make_distribution
 
     from .spec import from_spec
@@ -564,19 +565,27 @@ def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | No
             dist = make_distribution(target, dim=dim)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--target: {err}") from None
-        loc, scale = frame_of(recorded)  # the model's samples are in that frame
-        return dist.in_frame(loc, scale) if isinstance(dist, Points) and len(loc or ()) == dist.dim else dist
-    # a given --data-config wins over what the checkpoint recorded, as --target does
-    if recorded is not None and not data_config:
+    elif recorded is not None and not data_config:  # a given --data-config wins, as --target does
         try:
             return from_spec(recorded)
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise ValueError(f"cannot rebuild the target recorded in the checkpoint ({err}); pass --target") from err
+    else:
+        dist = _config_target(ckpt, data_config, dim, standardize=recorded is None)
+    loc, scale = frame_of(recorded)  # the model's samples are in that frame
+    return dist.in_frame(loc, scale) if isinstance(dist, Points) and len(loc or ()) == dist.dim else dist
+
+
+def _config_target(ckpt: Path, data_config: str | None, dim: int, standardize: bool) -> Any:
+    """``data.target`` of ``--data-config`` (else the run's config), in that config's standard
+    frame if ``standardize`` (a config from before frames has none)."""
+    from datamodules.toy import make_distribution
+
     data = _run_config(ckpt, data_config)
     if data is not None and "target" in data:
         try:
-            return make_distribution(data.target, dim=dim, standardize=data.get("standardize", False),
-                                     source=data.get("source"))
+            return make_distribution(data.target, dim=dim, source=data.get("source"),
+                                     standardize=standardize and data.get("standardize", False))
         except (ValueError, FileNotFoundError) as err:
             where = f"--data-config {data_config!r}" if data_config else "the run's config"
             raise ValueError(f"data.target of {where}: {err} (a relative path is read from the current folder "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -116,8 +117,9 @@ def save_pairs(path: str | os.PathLike, x0: Tensor, x1: Tensor, **meta: Any) -> 
 @torch.no_grad()
 def compare(models: dict[str, Any], target: Any, num_samples: int = 2000, seed: int = 0,
             euler_steps: Sequence[int] = (1, 2, 4)) -> list[dict[str, Any]]:
-    """W2 to fresh target samples at a few Euler step counts and with dopri5 (atol=rtol=1e-5),
-    and the path energy (dopri5), for each model, from the same source draws.
+    """W2 to fresh target samples (in a points file's own units) at a few Euler step counts and
+    with dopri5 (atol=rtol=1e-5), and the path energy (dopri5, in the flow's frame), for each
+    model, from the same source draws.
 
     Returns:
         One row per model: ``model``, ``w2_euler<n>`` for each n, ``w2_dopri5``, ``nfe_dopri5``,
@@ -126,16 +128,19 @@ def compare(models: dict[str, Any], target: Any, num_samples: int = 2000, seed: 
     from .flow.likelihood import path_energy
     from .metrics import wasserstein2
 
+    from datamodules.toy import in_data_units
+
     gen = torch.Generator().manual_seed(seed)
-    reference = target.sample(num_samples, gen)
+    to_data = functools.partial(in_data_units, target)  # W2 in a points file's own units, as val/w2
+    reference = to_data(target.sample(num_samples, gen))
     rows = []
     for name, model in models.items():
         x0 = model.source.sample(num_samples, torch.Generator().manual_seed(seed + 1))
         row: dict[str, Any] = {"model": name}
         for n in euler_steps:
-            row[f"w2_euler{n}"] = wasserstein2(model.sample(x0=x0, solver="euler", steps=n).x, reference)
+            row[f"w2_euler{n}"] = wasserstein2(to_data(model.sample(x0=x0, solver="euler", steps=n).x), reference)
         sol = model.sample(x0=x0, solver="dopri5", atol=1e-5, rtol=1e-5)
-        row["w2_dopri5"], row["nfe_dopri5"] = wasserstein2(sol.x, reference), sol.nfe
+        row["w2_dopri5"], row["nfe_dopri5"] = wasserstein2(to_data(sol.x), reference), sol.nfe
         row["path_energy"] = path_energy(model.net, x0, "dopri5", atol=1e-5, rtol=1e-5).mean
         rows.append(row)
     return rows

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fm-sample", description="Draw samples from a trained fm-lightning checkpoint.")
     p.add_argument("ckpt", help="path of a .ckpt file written by fm-train")
     p.add_argument("--num-samples", type=int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--out", default="samples.npz", help="output .npz file (default samples.npz)")
+    p.add_argument("--out", default="samples.npz", help="output .npz file (default samples.npz); points are in "
+                   "the units of the run's target file")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="steps for euler/midpoint/rk4")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance for dopri5/tsit5")

@@ -269,6 +269,11 @@ def _flat(value: Any, key: str) -> dict[str, Any]:
     return flat
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)``, or for a list of more than 4 numbers its length (a frame of 784 dims)."""
+    return f"[{len(value)} numbers]" if isinstance(value, list) and len(value) > 4 else repr(value)
+
+
 def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> None:
     """A resume continues the checkpoint's run: refuse a config whose model (net, flow, source)
     or data differ from those the checkpoint records, naming the keys and the run's overrides."""
@@ -291,25 +296,27 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
     # A key on one side only is an argument the code added or dropped since (another class
     # differs in its _target_, on both sides).
     differ = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k] and not k.startswith(same))
-    if any(k.endswith(".fingerprint") for k in differ):  # the frames follow the points: name those
-        differ = [k for k in differ if not k.endswith((".loc", ".scale"))]
+    frames = [k for k in differ if k.endswith((".loc", ".scale"))]
+    if any(k.startswith(("model.source.", "data.target.")) for k in set(differ) - set(frames)):
+        differ = [k for k in differ if k not in frames]  # a frame follows its points and the other side: name those
     if not differ:
         return
     classes = [k[: -len("_target_")] for k in differ if k.endswith("._target_")]  # their arguments differ too
     shown = [k for k in differ if k.endswith("._target_") or not any(k.startswith(c) for c in classes)]
-    diffs = "; ".join(f"{k}: {recorded[k]!r} there, {current[k]!r} here" for k in shown)
+    diffs = "; ".join(f"{k}: {_brief(recorded[k])} there, {_brief(current[k])} here" for k in shown)
     if any(k.endswith(".fingerprint") for k in shown):
         diffs += "; another fingerprint means other points than the run trained on: restore the file it used"
+    standardize = None
     if any(k.endswith((".loc", ".scale")) for k in shown):
-        standardized = any(frame_of(theirs)[0] is not None for theirs, _ in specs.values())
-        diffs += ("; another loc/scale is another standard frame of the points: the run was trained with "
-                  f"data.standardize={str(standardized).lower()}")
+        standardize = f"data.standardize={str(any(frame_of(theirs)[0] is not None for theirs, _ in specs.values())).lower()}"
+        diffs += f"; another loc/scale is another standard frame of the points: the run was trained with {standardize}"
     overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
-        own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]
+        own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra.", "data.standardize="))]
+        own += [standardize] if standardize else []
         again = f"pass its overrides again ({' '.join(own) or 'none'}, from {overrides_file})"
     else:
-        again = "use the config it was trained with"
+        again = "use the config it was trained with" + (f" and {standardize}" if standardize else "")
     raise UserError(f"{ckpt_path} holds another model or data than this config ({diffs}); a resume continues "
                     f"that run, so {again}, with ckpt_path and a larger trainer.max_steps to train on")
 

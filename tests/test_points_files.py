@@ -80,6 +80,10 @@ def test_the_standard_frame_is_part_of_the_run(tmp_path, capsys):
     assert (model.source.loc, model.source.scale) == (frame["loc"], frame["scale"])
     target = evaluate._target_of(last, model, str(other), None)
     assert (target.loc, target.scale) == (frame["loc"], frame["scale"])
+    config = tmp_path / "data.yaml"  # another source (so another frame) and no standardize key
+    config.write_text(f"data:\n  source: gaussian\n  target: {tgt}\n")
+    target = evaluate._target_of(last, model, None, str(config))
+    assert (target.loc, target.scale) == (frame["loc"], frame["scale"])
     for spec in (recorded["hyper_parameters"]["source"], recorded["datamodule_hyper_parameters"]["target"]):
         del spec["init_args"]["loc"], spec["init_args"]["scale"]  # a checkpoint from before frames
     torch.save(recorded, last)

@@ -650,3 +650,25 @@ def test_the_datamodule_puts_points_files_in_the_runs_standard_frame(tmp_path):
                  else make_distribution(target, 2, standardize=True, source=source))
         assert (built.loc, built.scale) == (getattr(dm, framed).loc, getattr(dm, framed).scale)
     assert ToyDataModule("gaussian", t_file, standardize=False).target.loc is None
+
+
+def test_pairs_that_record_no_distributions_hold_the_files_numbers_and_are_put_in_the_frame(tmp_path):
+    """A hand-made pairs file (no source/target records) holds the points' own numbers: a framed
+    points side is put in the run's frame, like the distribution it stands for."""
+    rng = np.random.default_rng(0)
+    tgt = rng.normal(size=(500, 2)) * [3.0, 0.5] + [100.0, -50.0]
+    np.save(tmp_path / "tgt.npy", tgt.astype(np.float32))
+    x0 = rng.normal(size=(500, 2)).astype(np.float32)
+    np.savez(tmp_path / "pairs.npz", x0=x0, x1=tgt.astype(np.float32))
+    for standardize in (True, False):
+        dm = ToyDataModule("gaussian", str(tmp_path / "tgt.npy"), pairs=str(tmp_path / "pairs.npz"),
+                           standardize=standardize, val_size=500)
+        x1 = dm.target.sample(100_000, _gen())
+        assert ((dm._val["x1"].mean(0) - x1.mean(0)) / x1.std(0)).abs().max() < 0.2  # the target's space
+        torch.testing.assert_close(dm._val["x0"].std(0), torch.ones(2), atol=0.15, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["off", 1, None])
+def test_standardize_must_be_true_or_false(value):
+    with pytest.raises(ValueError, match=f"data.standardize must be true or false, got {value!r}"):
+        ToyDataModule("gaussian", "moons", standardize=value)

@@ -188,3 +188,14 @@ def test_fm_eval_gives_w2_and_nll_of_a_framed_points_target_in_the_files_units(t
     assert abs(out["metrics"]["eval/nll"] - analytic) < 1e-3, (out["metrics"]["eval/nll"], analytic)
     w2_frame = evaluate_points(model, unit, metrics=["w2"], num_samples=500, seed=3)["metrics"]["eval/w2"]
     assert out["metrics"]["eval/w2"] == pytest.approx(10 * w2_frame, rel=1e-4)
+    # reflow's comparison table too; a bare sampler (no to_data) is taken as it is
+    from fm_lightning.reflow import compare
+
+    rows = [compare({"m": model}, dist, 500, euler_steps=(2,))[0] for dist in (framed, unit)]
+    assert rows[0]["w2_euler2"] == pytest.approx(10 * rows[1]["w2_euler2"], rel=1e-4)
+
+    class Bare:
+        def sample(self, n, generator=None):
+            return unit.sample(n, generator)
+
+    assert evaluate_points(model, Bare(), metrics=["w2"], num_samples=500, seed=3)["metrics"]["eval/w2"] == w2_frame
