@@ -242,8 +242,9 @@ class ReflowChain(_HydraCallback):
         stage2 = load_checkpoint(out / "stage2" / "checkpoints" / "last.ckpt")
         rows = compare({"1-RF": stage1, "2-RF": stage2}, target, self.eval_samples, seed=int(cfg.seed))
         (out / "reflow.json").write_text(json.dumps(rows, indent=2))
-        (out / "reflow.md").write_text(_markdown(rows))
-        log.info("reflow comparison (W2 to the target; path energy):\n%s", _markdown(rows))
+        units = "W2 to the target, in its own units; path energy in the flow's frame"
+        (out / "reflow.md").write_text(f"{_markdown(rows)}\n({units}.)\n")
+        log.info("reflow comparison (%s):\n%s", units, _markdown(rows))
         return rows
 
 

@@ -312,8 +312,9 @@ def _check_same_run(model: Any, datamodule: Any, ckpt: dict, ckpt_path: str) -> 
         diffs += f"; another loc/scale is another standard frame of the points: the run was trained with {standardize}"
     overrides_file = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
-        own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra.", "data.standardize="))]
-        own += [standardize] if standardize else []
+        own = [o for o in OmegaConf.load(overrides_file) if not o.startswith(("ckpt_path=", "hydra."))]
+        if standardize:  # the frame the run was trained in, whatever its overrides said
+            own = [o for o in own if not o.startswith("data.standardize=")] + [standardize]
         again = f"pass its overrides again ({' '.join(own) or 'none'}, from {overrides_file})"
     else:
         again = "use the config it was trained with" + (f" and {standardize}" if standardize else "")

@@ -1,5 +1,7 @@
 """Users' points files through fm-train as a user launches it (unit tests: tests/datamodules/test_toy.py)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,18 @@ def test_the_standard_frame_is_part_of_the_run(tmp_path, capsys):
     with pytest.raises(UserError, match=r"data.standardize=false"):
         resume(20)
     assert resume(20, "data.standardize=false")["global_step"] == 20
+
+
+def test_a_refused_resume_suggests_the_runs_own_standardize_override(tmp_path):
+    """A run trained with data.standardize=false, resumed with another source, is refused for
+    the source; the overrides it suggests passing again keep data.standardize=false."""
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32) * 50 + 7)
+    common = ["debug=fast", "logger=none", "callbacks.samples=null", f"data.target={tmp_path / 'pts.npy'}",
+              "data.standardize=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli("fm-train", *common, "data.source=gaussian", "trainer.max_steps=10", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("fm-train", *common, "data.source=8gaussians", "trainer.max_steps=20",
+                   f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "model.source._target_" in proc.stderr and "standard frame" not in proc.stderr
+    assert re.search(r"pass its overrides again \([^)]*data.standardize=false", proc.stderr), proc.stderr[-2000:]
