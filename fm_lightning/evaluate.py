@@ -427,6 +427,11 @@ def evaluate_images(
 
     names, explicit = _check_metrics(metrics, "images")
     _check_guidance(model, guidance, "fid" in names or sweep)
+    fid_options = {"--fid-weights": fid_weights, "--fid-reference": fid_reference, "--num-reference": num_reference}
+    ignored = [flag for flag, value in fid_options.items() if value is not None]
+    if ignored and not ("fid" in names or sweep):
+        raise ValueError(f"{', '.join(ignored)} apply to FID (fid, --sweep), which bits/dim alone does not compute; "
+                         "drop them, or add fid to --metrics")
     _check_data_fits(model, datamodule)
     check_reference_path(fid_reference)
     out: dict[str, float] = {}

@@ -96,6 +96,11 @@ def test_options_that_do_not_apply_to_an_image_checkpoint_are_refused(digits_run
     assert "guidance=2 applies to generated images" in capsys.readouterr().err
     assert evaluate.main([_ckpt(mnist_run), "--num-reference", "1", *BPD, *out]) == 2
     assert "--num-reference must be >= 2" in capsys.readouterr().err
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    assert evaluate.main([_ckpt(mnist_run), "--fid-weights", str(weights), "--num-reference", "10", *BPD, *out]) == 2
+    assert ("--fid-weights, --num-reference apply to FID (fid, --sweep), which bits/dim alone does not compute; "
+            "drop them, or add fid to --metrics") in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     seen = {}
 
