@@ -49,7 +49,6 @@ from .flow.likelihood import bits_per_dim, dequantize, log_likelihood, normalize
 from .flow.solve import SOLVERS, check_solver, check_solver_options
 from .metrics import check_reference_path, rbf_mmd2, wasserstein2
 from .progress import num_examples, track
-from .reliability import read_checkpoint
 from .sample import SOURCE_FILE_HELP, load_model
 
 __all__ = [
@@ -272,10 +271,11 @@ def evaluate_points(
     out: dict[str, float] = {"eval/nfe": float(sol.nfe)}
     skipped: dict[str, str] = {}
     to_data = functools.partial(in_data_units, target)  # a points file's own units
+    reference_data = to_data(reference)
     if "w2" in names:
-        out["eval/w2"] = wasserstein2(to_data(sol.x), to_data(reference))
+        out["eval/w2"] = wasserstein2(to_data(sol.x), reference_data)
     if "mmd" in names:
-        out["eval/mmd2"] = rbf_mmd2(to_data(sol.x), to_data(reference))
+        out["eval/mmd2"] = rbf_mmd2(to_data(sol.x), reference_data)
     hp = model.hparams
     solver_kw = {k: hp[k] if v is None else v for k, v in kw.items()}
     pe = path_energy(_EvalVelocity(model), x0.to(model.device), **solver_kw).mean
@@ -299,9 +299,8 @@ def evaluate_points(
             s = model.sample(x0=x0, **setting.kwargs())
             return s.x, float(s.nfe)
 
-        reference = to_data(reference)
-        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(to_data(x), reference),
-                                            "mmd2": rbf_mmd2(to_data(x), reference)},
+        rows = nfe_sweep(sample, lambda x: {"w2": wasserstein2(to_data(x), reference_data),
+                                            "mmd2": rbf_mmd2(to_data(x), reference_data)},
                          progress=progress)
     return {"metrics": out, "skipped": skipped, "sweep": rows}
 
@@ -564,7 +563,7 @@ def _target_of(ckpt: Path, model: Any, target: str | None, data_config: str | No
     from .spec import from_spec
 
     dim = int(model.source.sample(1).shape[1])
-    recorded = (read_checkpoint(ckpt, "cpu").get("datamodule_hyper_parameters") or {}).get("target")
+    recorded = getattr(model, "data_hparams", {}).get("target")
     if target is not None:
         try:
             dist = make_distribution(target, dim=dim)

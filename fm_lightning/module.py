@@ -367,7 +367,9 @@ def load_checkpoint(
     in ``state_dict`` and the raw weights in ``current_model_state``. ``ema=True`` loads the EMA
     weights when there are any (else the only weights there are); ``ema=False`` the raw ones.
     The module's ``loaded_weights`` says which were loaded: ``"ema"`` or ``"raw"``.
-    ``source`` replaces the recorded source distribution (whose points file may be gone).
+    ``source`` replaces the recorded source distribution (whose points file may be gone); a
+    points source is drawn in the standard frame the recorded one was. The module's
+    ``data_hparams`` holds the datamodule's recorded hyperparameters (its ``target``).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -376,6 +378,11 @@ def load_checkpoint(
     ckpt = read_checkpoint(path, map_location)
     hparams = dict(ckpt["hyper_parameters"])
     if source is not None:
+        from datamodules.toy import frame_of
+
+        loc, scale = frame_of(hparams.get("source"))
+        if loc is not None and hasattr(source, "in_frame") and source.dim == len(loc):  # (another dim: refused later)
+            source = source.in_frame(loc, scale)
         hparams["source"] = source
     try:  # the constructor takes objects; the checkpoint holds their specs
         for name in ("net", "flow", "source", "optimizer", "lr_scheduler"):
@@ -388,4 +395,5 @@ def load_checkpoint(
     check_weights_fit(model, weights, path)
     model.load_state_dict(weights)
     model.loaded_weights = "ema" if ema and raw is not None else "raw"
+    model.data_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     return model.eval()

@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.append("data.target=<the target this checkpoint was trained on>")
     if x0.dim() == 2:
         data.append(f"data.dim={x0.shape[1]}")
-    if any(is_points_spec(json.loads(r)) and frame_of(json.loads(r))[0] is None for r in records.values()):
+    if any(is_points_spec(spec) and frame_of(spec)[0] is None for spec in map(json.loads, records.values())):
         data.append("data.standardize=false")  # points drawn as their files hold them
     print(f"wrote {len(x0)} pairs (NFE {nfe:.1f}) to {path}; train on them with "
           f"+data.pairs={shlex.quote(path)} flow=icfm {' '.join(data)}")

@@ -117,7 +117,7 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
     points in ``source_file`` if given. Shared by ``fm-sample``, ``fm-eval`` and
     ``python -m fm_lightning.reflow``: a recorded points source that has moved, and a
     ``--source-file`` the model cannot take, get one message each, naming ``--source-file``."""
-    from datamodules.toy import Points, frame_of
+    from datamodules.toy import Points
 
     from .module import load_checkpoint
     from .reliability import read_checkpoint
@@ -125,10 +125,6 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
 
     try:
         source = None if source_file is None else Points(source_file)
-        if source is not None:  # drawn in the standard frame the recorded source was drawn in
-            loc, scale = frame_of(read_checkpoint(ckpt)["hyper_parameters"].get("source"))
-            if loc is not None and len(loc) == source.dim:  # (another dim: refused below)
-                source = source.in_frame(loc, scale)
     except (ValueError, FileNotFoundError) as err:
         if _takes_images(read_checkpoint(ckpt)["hyper_parameters"]):
             raise ValueError("--source-file draws x0 points, but this model takes images; leave --source-file out") \
@@ -162,15 +158,13 @@ def load_model(ckpt: str | os.PathLike, source_file: str | None = None, map_loca
     return model
 
 
-def in_target_units(ckpt: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
-    """Points ``x`` (n, d) sampled from the checkpoint's model, in the units of its target points
-    file when the run trained in a standard frame (``data.standardize``); else as they are."""
+def in_target_units(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Points ``x`` (n, d) sampled from a model of :func:`~fm_lightning.module.load_checkpoint`, in
+    the units of its target points file when the run trained in a standard frame
+    (``data.standardize``); else as they are."""
     from datamodules.toy import frame_of, to_data_units
 
-    from .reliability import read_checkpoint
-
-    recorded = read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
-    return to_data_units(x, *frame_of(recorded.get("target")))
+    return to_data_units(x, *frame_of(getattr(model, "data_hparams", {}).get("target")))
 
 
 def _takes_images(hparams: dict) -> bool:
@@ -219,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nfe = max(nfe, sol.nfe)
         samples = torch.cat(chunks)
         if grid is None:
-            samples = in_target_units(args.ckpt, samples)
+            samples = in_target_units(model, samples)
         extra = {"labels": labels.numpy()} if isinstance(labels, torch.Tensor) else {}
         part = args.out + ".part"  # renamed into place: a failed write keeps an older --out
         try:
